@@ -1,0 +1,55 @@
+"""tokenguard: drop-in guarded OpenAI and Anthropic clients that account for every token and dollar.
+
+Change one import line (``from tokenguard import OpenAI``) or wrap an existing client
+(``tokenguard.wrap(client)``), and every call that can cost money is seen, priced to
+the exact token with genai-prices, attributed to a ``tokenguard.scope()`` and recorded
+in a local ledger.
+"""
+
+from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
+from ._errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    LoopDetected,
+    StoreUnavailable,
+    TokenguardError,
+    TokenguardWarning,
+    UnpricedModelError,
+    UnpricedModelWarning,
+)
+from ._guard import Guard, default_guard, set_default_guard
+from ._ledger import LedgerRow, Stats, Store
+from ._pricing import register_price
+from ._scope import current_scope, scope
+from ._usage import Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Anthropic",
+    "AsyncAnthropic",
+    "AsyncAzureOpenAI",
+    "AsyncOpenAI",
+    "AzureOpenAI",
+    "BudgetExceeded",
+    "ConfigurationError",
+    "Guard",
+    "LedgerRow",
+    "LoopDetected",
+    "OpenAI",
+    "Stats",
+    "Store",
+    "StoreUnavailable",
+    "TokenguardError",
+    "TokenguardWarning",
+    "UnpricedModelError",
+    "UnpricedModelWarning",
+    "Usage",
+    "__version__",
+    "current_scope",
+    "default_guard",
+    "register_price",
+    "scope",
+    "set_default_guard",
+    "wrap",
+]

@@ -1,0 +1,241 @@
+"""Guarded vendor clients: thin sync and async shells around the pipeline.
+
+The choke point is the SDK base client's ``request()`` — the one method every call path
+reaches: ``create``, ``.parse()``, ``.stream()``, ``beta``, ``with_raw_response`` and
+``with_streaming_response`` all end in ``self._client.request(...)`` on the resource's
+client — plus ``_process_response()``, where each successful HTTP response passes before
+the SDK parses it. Overriding both on a *subclass* (rather than patching ``create`` on an
+instance) means ``isinstance`` holds, ``copy()``/``with_options()`` (which build
+``self.__class__(...)``) stay guarded, and no object the user owns is mutated. See
+docs/architecture.md for why this seam and not a transport or anthropic middleware.
+
+The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns retrying.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import threading
+from contextvars import ContextVar
+from typing import Any, TypeVar, cast
+
+import anthropic
+import openai
+
+from ._errors import ConfigurationError
+from ._guard import Guard, default_guard
+from ._pipeline import Call
+from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
+
+__all__ = [
+    "Anthropic",
+    "AsyncAnthropic",
+    "AsyncAzureOpenAI",
+    "AsyncOpenAI",
+    "AzureOpenAI",
+    "OpenAI",
+    "wrap",
+]
+
+# the call whose HTTP response the SDK is processing in this thread / task
+_ACTIVE: ContextVar[Call | None] = ContextVar("tokenguard_active_call", default=None)
+
+
+def _adapter_for(client: object) -> Adapter:
+    if isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI):
+        return OpenAIAdapter("azure")
+    if isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
+        return OpenAIAdapter("openai")
+    return AnthropicAdapter()
+
+
+def _check_guard(guard: object) -> Guard | None:
+    if guard is not None and not isinstance(guard, Guard):
+        raise ConfigurationError("guard", guard, "must be a tokenguard.Guard (or None for the default guard)")
+    return guard
+
+
+def _body(options: Any) -> Any:
+    body = options.json_data
+    extra = getattr(options, "extra_json", None)
+    if extra and isinstance(body, dict):
+        body = {**body, **extra}
+    return body
+
+
+class _GuardedBase:
+    """What sync and async guarded clients share: the guard, the adapter, copies."""
+
+    _tg_guard: Guard | None
+    _tg_adapter: Adapter
+
+    def _tg_setup(self, guard: Guard | None) -> None:
+        self._tg_guard = guard
+        self._tg_adapter = _adapter_for(self)
+
+    @property
+    def guard(self) -> Guard:
+        """The guard this client reports to (the process default if none was given)."""
+        return self._tg_guard if self._tg_guard is not None else default_guard()
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        """The vendor's ``copy()``, keeping this client's guard (vendor retries stay off)."""
+        kwargs["max_retries"] = 0
+        new = super().copy(*args, **kwargs)  # type: ignore[misc]
+        new._tg_guard = self._tg_guard
+        return new
+
+    with_options = copy
+
+
+class _SyncGuarded(_GuardedBase):
+    def __init__(self, *args: Any, guard: Guard | None = None, **kwargs: Any) -> None:
+        kwargs["max_retries"] = 0
+        super().__init__(*args, **kwargs)
+        self._tg_setup(_check_guard(guard))
+
+    def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
+        """Run one logical call through the guard (the SDK calls this for every request)."""
+        pipeline = self.guard.pipeline
+        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
+        parent = super()
+        if call is None:
+            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+        token = _ACTIVE.set(call)
+        try:
+            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+        except BaseException as exc:
+            pipeline.failed(call, exc)
+            raise
+        finally:
+            _ACTIVE.reset(token)
+
+    def _process_response(self, **kwargs: Any) -> Any:
+        call = _ACTIVE.get()
+        response = kwargs["response"]
+        if call is not None and response.is_success:
+            self.guard.pipeline.observe(call, response, is_async=False)
+        return super()._process_response(**kwargs)  # type: ignore[misc]
+
+
+class _AsyncGuarded(_GuardedBase):
+    def __init__(self, *args: Any, guard: Guard | None = None, **kwargs: Any) -> None:
+        kwargs["max_retries"] = 0
+        super().__init__(*args, **kwargs)
+        self._tg_setup(_check_guard(guard))
+
+    async def request(
+        self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
+    ) -> Any:
+        """Run one logical call through the guard (the SDK awaits this for every request)."""
+        pipeline = self.guard.pipeline
+        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
+        parent = super()
+        if call is None:
+            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+        token = _ACTIVE.set(call)
+        try:
+            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+        except BaseException as exc:
+            pipeline.failed(call, exc)
+            raise
+        finally:
+            _ACTIVE.reset(token)
+
+    async def _process_response(self, **kwargs: Any) -> Any:
+        call = _ACTIVE.get()
+        response = kwargs["response"]
+        if call is not None and response.is_success:
+            self.guard.pipeline.observe(call, response, is_async=True)
+        return await super()._process_response(**kwargs)  # type: ignore[misc]
+
+
+class OpenAI(_SyncGuarded, openai.OpenAI):
+    """``openai.OpenAI`` with every money-spending call accounted for by a tokenguard ``Guard``.
+
+    Takes every ``openai.OpenAI`` argument unchanged, plus ``guard=`` (default: the
+    process-wide ``tokenguard.default_guard()``).
+    """
+
+
+class AsyncOpenAI(_AsyncGuarded, openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` guarded by tokenguard (see ``tokenguard.OpenAI``)."""
+
+
+class AzureOpenAI(_SyncGuarded, openai.AzureOpenAI):
+    """``openai.AzureOpenAI`` guarded by tokenguard; priced with genai-prices' Azure prices."""
+
+
+class AsyncAzureOpenAI(_AsyncGuarded, openai.AsyncAzureOpenAI):
+    """``openai.AsyncAzureOpenAI`` guarded by tokenguard."""
+
+
+class Anthropic(_SyncGuarded, anthropic.Anthropic):
+    """``anthropic.Anthropic`` with every money-spending call accounted for by a tokenguard ``Guard``.
+
+    Takes every ``anthropic.Anthropic`` argument unchanged (``middleware=`` included),
+    plus ``guard=``.
+    """
+
+
+class AsyncAnthropic(_AsyncGuarded, anthropic.AsyncAnthropic):
+    """``anthropic.AsyncAnthropic`` guarded by tokenguard."""
+
+
+_NAMED: dict[type, type] = {
+    openai.OpenAI: OpenAI,
+    openai.AsyncOpenAI: AsyncOpenAI,
+    openai.AzureOpenAI: AzureOpenAI,
+    openai.AsyncAzureOpenAI: AsyncAzureOpenAI,
+    anthropic.Anthropic: Anthropic,
+    anthropic.AsyncAnthropic: AsyncAnthropic,
+}
+_derived: dict[type, type] = {}
+_derived_lock = threading.Lock()
+
+_C = TypeVar("_C")
+
+
+def _guarded_class(cls: type) -> type:
+    if issubclass(cls, _GuardedBase):
+        return cls
+    named = _NAMED.get(cls)
+    if named is not None:
+        return named
+    with _derived_lock:
+        derived = _derived.get(cls)
+        if derived is None:
+            if issubclass(cls, openai.AsyncOpenAI | anthropic.AsyncAnthropic):
+                shell: type = _AsyncGuarded
+            elif issubclass(cls, openai.OpenAI | anthropic.Anthropic):
+                shell = _SyncGuarded
+            else:
+                raise ConfigurationError(
+                    "client",
+                    cls.__name__,
+                    "tokenguard.wrap() takes an openai.OpenAI/AsyncOpenAI/AzureOpenAI/AsyncAzureOpenAI "
+                    "or anthropic.Anthropic/AsyncAnthropic client (or a subclass)",
+                )
+            derived = type(f"Guarded{cls.__name__}", (shell, cls), {"__module__": __name__})
+            _derived[cls] = derived
+        return derived
+
+
+def wrap(client: _C, *, guard: Guard | None = None) -> _C:
+    """A guarded copy of an existing vendor client: ``isinstance(wrap(c), type(c))`` holds.
+
+    The copy shares the original's HTTP connection pool and settings (key, base URL,
+    timeouts, headers, ``http_client``); the original is left untouched and unguarded.
+    """
+    guard = _check_guard(guard)
+    cls = _guarded_class(type(client))
+    if isinstance(client, _GuardedBase):
+        new = client.copy()
+    else:
+        # let the vendor's own copy() rebuild the client, as an instance of the guarded class
+        shell = object.__new__(cls)
+        shell.__dict__.update(client.__dict__)
+        shell._tg_guard = None
+        new = cls.copy(shell)
+    new._tg_guard = guard if guard is not None else cast(_GuardedBase, client).__dict__.get("_tg_guard")
+    return cast(_C, new)

@@ -1,0 +1,114 @@
+"""Every exception and warning tokenguard raises itself.
+
+The tree::
+
+    TokenguardError                 base of everything tokenguard raises itself
+    ├── ConfigurationError          a bad setting (also a ValueError); names the setting and the value
+    │   └── StoreUnavailable        the ledger store cannot be opened or written
+    ├── UnpricedModelError          a model with no known price where a price is required
+    ├── BudgetExceeded              a cap refused the call before it was sent
+    └── LoopDetected                the same request repeated too often in the window
+
+    TokenguardWarning               base of tokenguard's warnings
+    └── UnpricedModelWarning        a call to a model with no known price was recorded unpriced
+
+Vendor errors (``openai.RateLimitError``, ``anthropic.OverloadedError`` ...) are never
+wrapped: they reach the caller as the vendor raised them. This module must not import
+the vendor SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+__all__ = [
+    "BudgetExceeded",
+    "ConfigurationError",
+    "LoopDetected",
+    "StoreUnavailable",
+    "TokenguardError",
+    "TokenguardWarning",
+    "UnpricedModelError",
+    "UnpricedModelWarning",
+]
+
+
+class TokenguardError(Exception):
+    """Base class of every exception tokenguard raises itself."""
+
+
+class ConfigurationError(TokenguardError, ValueError):
+    """A setting has a value tokenguard cannot use; the message names the setting and the value."""
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{setting}={value!r}: {reason}")
+
+
+class StoreUnavailable(ConfigurationError):
+    """The ledger store named by ``store=`` / ``TOKENGUARD_STORE`` cannot be opened or written."""
+
+
+class UnpricedModelError(TokenguardError, LookupError):
+    """A call needs a price (a USD budget applies, or ``require_prices=True``) and the model has none.
+
+    Nothing was sent. Register a price with ``Guard.register_price()`` / ``tokenguard.register_price()``
+    for private or self-hosted models.
+    """
+
+    def __init__(self, vendor: str, model: str) -> None:
+        self.vendor = vendor
+        self.model = model
+        super().__init__(
+            f"no price is known for {vendor} model {model!r}, and this call requires one; "
+            f"nothing was sent. Register one with tokenguard.register_price({model!r}, "
+            f"input_mtok=..., output_mtok=...)"
+        )
+
+
+class BudgetExceeded(TokenguardError):
+    """A budget could not reserve the call's worst-case cost; nothing was sent."""
+
+    def __init__(
+        self,
+        *,
+        budget: object,
+        scope: Mapping[str, str],
+        spent_usd: Decimal,
+        limit_usd: Decimal,
+        needed_usd: Decimal,
+    ) -> None:
+        self.budget = budget
+        self.scope = dict(scope)
+        self.spent_usd = spent_usd
+        self.limit_usd = limit_usd
+        self.needed_usd = needed_usd
+        super().__init__(
+            f"budget {budget!r} exceeded for scope {self.scope}: spent ${spent_usd} of ${limit_usd}, "
+            f"this call needs up to ${needed_usd}; nothing was sent"
+        )
+
+
+class LoopDetected(TokenguardError):
+    """The same request was seen more than ``max_repeats`` times inside ``window_s``; it was not sent."""
+
+    def __init__(self, *, repeats: int, window_s: float, fingerprint: str, **extra: Any) -> None:
+        self.repeats = repeats
+        self.window_s = window_s
+        self.fingerprint = fingerprint
+        super().__init__(
+            f"loop detected: request {fingerprint[:16]} repeated {repeats} times within {window_s:g}s; "
+            "it was not sent"
+        )
+
+
+class TokenguardWarning(UserWarning):
+    """Base class of tokenguard's warnings."""
+
+
+class UnpricedModelWarning(TokenguardWarning):
+    """A call to a model with no known price was recorded with no cost (``cost_usd=None``)."""

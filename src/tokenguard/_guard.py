@@ -1,0 +1,149 @@
+"""The ``Guard``: one configured set of protections, shared by every client that uses it.
+
+Owns configuration (validated at construction, keyword-only) and the components built
+from it (store, price book, pipeline). Also owns the process-wide default guard that
+clients use when given no ``guard=``, configured from the environment, so that
+changing only an import line already protects a program.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+from ._errors import ConfigurationError
+from ._ledger import Stats, Store
+from ._periods import period_start
+from ._pipeline import Pipeline
+from ._pricing import PriceBook
+from ._scope import validate_scope
+from .stores import open_store
+
+__all__ = ["Guard", "default_guard", "set_default_guard"]
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off", ""}
+
+
+class Guard:
+    """Accounting and protection for every call made through the clients that use it.
+
+    Args:
+        store: where the ledger lives: ``"sqlite:///relative.db"``, ``"sqlite:////abs/path.db"``,
+            ``"memory://"``, a ``Store`` object, or ``None`` for ``TOKENGUARD_STORE`` and then
+            the default SQLite file in the user data directory.
+        require_prices: refuse (before sending) calls to models with no known price,
+            instead of recording them unpriced with a warning.
+        clock: returns the current UTC time; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: str | os.PathLike[str] | Store | None = None,
+        require_prices: bool = False,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if not isinstance(require_prices, bool):
+            raise ConfigurationError("require_prices", require_prices, "must be True or False")
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock", clock, "must be a callable returning a UTC datetime")
+        if store is None:
+            store = os.environ.get("TOKENGUARD_STORE") or None
+        self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self._store = open_store(store)
+        self._prices = PriceBook(clock=lambda: self._clock().timestamp())
+        self._pipeline = Pipeline(
+            store=self._store, prices=self._prices, require_prices=require_prices, wall_clock=self._clock
+        )
+        self.require_prices = require_prices
+
+    @property
+    def store(self) -> Store:
+        """The ledger store."""
+        return self._store
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The call path the guarded clients run (internal; for clients and tests)."""
+        return self._pipeline
+
+    def spent(self, period: str = "total", **scope: str | int) -> Decimal:
+        """Settled USD in the current UTC ``period`` for the calls matching ``scope``.
+
+        ``period`` is ``"minute"``, ``"hour"``, ``"day"``, ``"week"``, ``"month"`` or ``"total"``:
+        ``guard.spent(period="day", user="alice")``.
+        """
+        since = period_start(period, self._clock())
+        return self._store.spent(since=since, scope=validate_scope(scope))
+
+    def stats(self, **scope: str | int) -> Stats:
+        """Totals over every recorded call matching ``scope`` (all time)."""
+        return self._store.stats(since=None, scope=validate_scope(scope))
+
+    def register_price(
+        self,
+        model: str,
+        *,
+        input_mtok: Decimal | str | int,
+        output_mtok: Decimal | str | int,
+        cache_read_mtok: Decimal | str | int | None = None,
+        cache_write_mtok: Decimal | str | int | None = None,
+        vendor: str | None = None,
+    ) -> None:
+        """Price a private or self-hosted model for this guard (USD per million tokens)."""
+        self._prices.register(
+            model,
+            input_mtok=input_mtok,
+            output_mtok=output_mtok,
+            cache_read_mtok=cache_read_mtok,
+            cache_write_mtok=cache_write_mtok,
+            vendor=vendor,
+        )
+
+    def close(self) -> None:
+        """Close the store. Clients using this guard must not be used afterwards."""
+        self._store.close()
+
+    def __repr__(self) -> str:
+        return f"Guard(store={self._store.url!r}, require_prices={self.require_prices})"
+
+
+_default: Guard | None = None
+_default_lock = threading.Lock()
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(name, raw, "use 1/0, true/false, yes/no or on/off")
+
+
+def default_guard() -> Guard:
+    """The process-wide guard used by clients created without ``guard=``.
+
+    Built on first use from the environment: ``TOKENGUARD_STORE`` (a store URL; default:
+    the SQLite ledger in the user data directory) and ``TOKENGUARD_REQUIRE_PRICES``.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Guard(require_prices=_env_flag("TOKENGUARD_REQUIRE_PRICES"))
+        return _default
+
+
+def set_default_guard(guard: Guard | None) -> None:
+    """Replace the process-wide default guard (``None``: rebuild it from the environment on next use)."""
+    global _default
+    if guard is not None and not isinstance(guard, Guard):
+        raise ConfigurationError("guard", guard, "must be a tokenguard.Guard")
+    with _default_lock:
+        _default = guard

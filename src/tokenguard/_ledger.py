@@ -1,0 +1,142 @@
+"""The ledger: one row per call, and the store contract every backend implements.
+
+Owns ``LedgerRow`` (what is recorded about a call), ``Stats`` (what the rows add up
+to) and the ``Store`` protocol. Backends live in ``tokenguard.stores``; the pipeline
+only ever talks to a ``Store``. Rows never hold request or response content, headers
+or API keys: only counts, money, labels and timings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Final, Literal, Protocol, runtime_checkable
+
+from ._usage import Usage
+
+__all__ = ["OUTCOMES", "LedgerRow", "Outcome", "Stats", "Store", "matches_scope"]
+
+Outcome = Literal["ok", "error", "incomplete", "cache_hit", "blocked"]
+OUTCOMES: Final = ("ok", "error", "incomplete", "cache_hit", "blocked")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """What tokenguard records about one call.
+
+    ``outcome`` is ``"ok"``; ``"error"`` (``error`` names the exception class);
+    ``"incomplete"`` (a stream closed, broken or abandoned before its end: the output
+    received is charged and the row is ``estimated``); ``"cache_hit"``; or
+    ``"blocked"`` (``error`` says why: ``"budget"``, ``"loop"``, ``"unpriced"``).
+    ``cost_usd`` is ``None`` when the model has no known price. ``ts`` is when the call
+    started (UTC); ``latency_s`` runs to the end of the response body.
+    """
+
+    ts: datetime
+    vendor: str
+    endpoint: str
+    model: str
+    scope: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: Decimal | None = Decimal(0)
+    estimated: bool = False
+    outcome: Outcome = "ok"
+    error: str | None = None
+    attempts: int = 1
+    latency_s: float = 0.0
+    stream: bool = False
+    request_id: str | None = None
+    saved_usd: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Totals over the ledger rows that match a scope filter (money as ``Decimal``)."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    saved_usd: Decimal = Decimal(0)
+    retries: int = 0
+    loops_blocked: int = 0
+    budget_blocks: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    spent_usd: Decimal = Decimal(0)
+    errors: int = 0
+    incomplete: int = 0
+    estimated_calls: int = 0
+    unpriced_calls: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def of(cls, rows: Iterable[LedgerRow]) -> Stats:
+        """Add up ``rows`` (the reference every store's ``stats()`` must agree with)."""
+        acc = dict.fromkeys(
+            (
+                "calls cache_hits retries loops_blocked budget_blocks input_tokens output_tokens errors "
+                "incomplete estimated_calls unpriced_calls cache_read_tokens cache_write_tokens "
+                "reasoning_tokens"
+            ).split(),
+            0,
+        )
+        spent = saved = Decimal(0)
+        for row in rows:
+            acc["calls"] += 1
+            acc["cache_hits"] += row.outcome == "cache_hit"
+            acc["retries"] += max(row.attempts - 1, 0)
+            acc["loops_blocked"] += row.outcome == "blocked" and row.error == "loop"
+            acc["budget_blocks"] += row.outcome == "blocked" and row.error == "budget"
+            acc["errors"] += row.outcome == "error"
+            acc["incomplete"] += row.outcome == "incomplete"
+            acc["estimated_calls"] += row.estimated
+            acc["unpriced_calls"] += row.cost_usd is None and row.outcome in ("ok", "incomplete")
+            acc["input_tokens"] += row.usage.input_tokens
+            acc["output_tokens"] += row.usage.output_tokens
+            acc["cache_read_tokens"] += row.usage.cache_read_tokens
+            acc["cache_write_tokens"] += row.usage.cache_write_tokens
+            acc["reasoning_tokens"] += row.usage.reasoning_tokens
+            spent += row.cost_usd or 0
+            saved += row.saved_usd or 0
+        return cls(spent_usd=spent, saved_usd=saved, **acc)
+
+
+def matches_scope(row_scope: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
+    """True when every wanted attribute is present in the row with the same value."""
+    return all(row_scope.get(k) == v for k, v in wanted.items())
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where ledger rows are kept. One contract test suite runs against every store.
+
+    Implementations are safe to share between threads; the SQLite and Redis stores are
+    also safe between processes.
+    """
+
+    url: str
+
+    def record(self, row: LedgerRow) -> None:
+        """Append one row durably (raise ``StoreUnavailable`` if that is impossible)."""
+
+    def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
+        """Sum of ``cost_usd`` of rows since ``since`` (all time if ``None``) matching ``scope``."""
+
+    def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
+        """``Stats.of`` the rows since ``since`` matching ``scope``."""
+
+    def rows(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[LedgerRow]:
+        """The matching rows, oldest first (``since`` inclusive, ``until`` exclusive)."""
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""

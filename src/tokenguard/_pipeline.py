@@ -1,0 +1,281 @@
+"""The one path every money-spending call takes: admit → send → observe usage → settle → record.
+
+Vendor-neutral and sans-I/O apart from the ledger write: the client shells
+(``_clients.py``) call ``begin()`` before sending, hand each successful HTTP response to
+``observe()``, and report failures to ``failed()``. Settling turns what a response
+reported (or, when a stream carried no usage or was cut short, an estimate from the
+request and the text received) into a priced ``LedgerRow``. Settling never raises into
+the caller: a bug or a store outage here must not cost the user a response they paid for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx2
+
+from ._errors import StoreUnavailable, UnpricedModelError, UnpricedModelWarning
+from ._ledger import LedgerRow, Outcome, Store
+from ._observe import install_tap
+from ._pricing import PriceBook
+from ._scope import current_scope
+from ._sse import iter_sse
+from ._tokens import count_messages_tokens, count_tokens
+from ._usage import Usage
+from .providers import Adapter, Endpoint, Observed
+
+__all__ = ["Call", "Pipeline"]
+
+log = logging.getLogger("tokenguard")
+
+_warned_unpriced: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+# exceptions after which the vendor may well have done (and billed) the work
+_MAYBE_BILLED = ("Timeout", "CancelledError", "KeyboardInterrupt", "RemoteProtocolError", "ReadError")
+
+
+@dataclass(slots=True)
+class Call:
+    """One logical call in flight."""
+
+    adapter: Adapter
+    endpoint: Endpoint
+    body: Mapping[str, Any]
+    model: str
+    stream: bool
+    scope: Mapping[str, str]
+    ts: datetime
+    started: float
+    attempts: int = 1
+    settled: int = field(default=0)
+
+
+class Pipeline:
+    """The decisions and bookkeeping of a ``Guard``, shared by every client it guards."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        prices: PriceBook,
+        require_prices: bool,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.prices = prices
+        self.require_prices = require_prices
+        self._now = wall_clock
+        self._unsaved: list[LedgerRow] = []
+        self._unsaved_lock = threading.Lock()
+
+    # -- admit -------------------------------------------------------------------------------
+
+    def begin(self, adapter: Adapter, method: str, url: str, body: Any, stream: bool) -> Call | None:
+        """Start a call, or return ``None`` for a request that costs nothing (it passes untouched).
+
+        Raises a tokenguard error, after recording a ``blocked`` row, when the call must not
+        be sent.
+        """
+        endpoint = adapter.endpoint(method, url)
+        if endpoint is None:
+            return None
+        if not isinstance(body, Mapping):
+            body = {}
+        call = Call(
+            adapter=adapter,
+            endpoint=endpoint,
+            body=body,
+            model=adapter.request_model(body),
+            stream=bool(stream or body.get("stream")),
+            scope=current_scope(),
+            ts=self._now(),
+            started=time.perf_counter(),
+        )
+        if self.require_prices and self.prices.card(adapter.vendor, call.model) is None:
+            self._record(call, Usage(), None, outcome="blocked", error="unpriced", estimated=False)
+            raise UnpricedModelError(adapter.vendor, call.model)
+        return call
+
+    # -- observe -----------------------------------------------------------------------------
+
+    def observe(self, call: Call, response: httpx2.Response, *, is_async: bool) -> None:
+        """Account for one successful HTTP response: now if its body is read, else as it streams."""
+        try:
+            if response.is_stream_consumed:
+                self._settle_body(call, response, response.content, complete=True, error=None, raw=False)
+            else:
+                install_tap(response, lambda body, complete, error: self._settle_body(
+                    call, response, body, complete=complete, error=error, raw=True), is_async=is_async)
+        except Exception:
+            log.exception("tokenguard: could not account for a %s call", call.endpoint.name)
+
+    def failed(self, call: Call, exc: BaseException) -> None:
+        """Record a call that raised before any response was accounted for."""
+        if call.settled:
+            return
+        try:
+            name = type(exc).__name__
+            if any(marker in name for marker in _MAYBE_BILLED):
+                # the request reached the vendor; charge the input we know it read
+                usage = Usage(input_tokens=self._estimate_input(call))
+                self._record(call, usage, self._price(call, call.model, usage, {}), outcome="error",
+                             error=name, estimated=True)
+            else:
+                self._record(call, Usage(), Decimal(0), outcome="error", error=name, estimated=False)
+        except Exception:
+            log.exception("tokenguard: could not record a failed %s call", call.endpoint.name)
+
+    # -- settle ------------------------------------------------------------------------------
+
+    def _settle_body(
+        self,
+        call: Call,
+        response: httpx2.Response,
+        body: bytes,
+        *,
+        complete: bool,
+        error: str | None,
+        raw: bool,
+    ) -> None:
+        try:
+            seen = self._read(call, response, _decoded(response, body) if raw else body)
+            if error is not None:
+                seen.error = error
+            exact = seen.usage is not None and seen.finished and complete and seen.error is None
+            if seen.usage is not None and exact:
+                usage = seen.usage
+            else:
+                usage = self._estimate(call, seen)
+            outcome: Outcome
+            if seen.error is not None:
+                outcome = "error"
+            elif complete and seen.finished:
+                outcome = "ok"  # estimated when a finished stream simply carried no usage
+            else:
+                outcome = "incomplete"
+            model = seen.model or call.model
+            cost = self._price(call, model, usage, seen.price_context)
+            request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
+            self._record(call, usage, cost, outcome=outcome, error=seen.error, estimated=not exact,
+                         model=model, request_id=request_id)
+        except Exception:
+            log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
+
+    def _read(self, call: Call, response: httpx2.Response, body: bytes) -> Observed:
+        if "text/event-stream" in response.headers.get("content-type", ""):
+            return call.adapter.from_events(call.endpoint, iter_sse(body))
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return Observed(error="invalid_json")
+        if not isinstance(data, Mapping):
+            return Observed(error="invalid_json")
+        return call.adapter.from_json(call.endpoint, data)
+
+    def _estimate_input(self, call: Call) -> int:
+        texts, messages = call.adapter.input_texts(call.endpoint, call.body)
+        return count_messages_tokens(texts, call.model, messages=messages)
+
+    def _estimate(self, call: Call, seen: Observed) -> Usage:
+        """Usage for a response that reported none, or only part: count what arrived."""
+        reported = seen.usage or Usage()
+        output = max(reported.output_tokens, count_tokens("".join(seen.text_parts), seen.model or call.model))
+        input_tokens = reported.input_tokens or self._estimate_input(call)
+        return Usage(
+            input_tokens=input_tokens,
+            output_tokens=output,
+            cache_read_tokens=min(reported.cache_read_tokens, input_tokens),
+            cache_write_tokens=min(reported.cache_write_tokens, input_tokens - reported.cache_read_tokens),
+            cache_write_1h_tokens=min(reported.cache_write_1h_tokens, reported.cache_write_tokens),
+            reasoning_tokens=min(reported.reasoning_tokens, output),
+        )
+
+    def _price(self, call: Call, model: str, usage: Usage, context: Mapping[str, str]) -> Decimal | None:
+        vendor = call.adapter.vendor
+        cost = self.prices.cost(vendor, model, usage, context)
+        if cost is None and model != call.model:
+            cost = self.prices.cost(vendor, call.model, usage, context)
+        if cost is None:
+            key = (vendor, model)
+            with _warned_lock:
+                first = key not in _warned_unpriced
+                _warned_unpriced.add(key)
+            if first:
+                warnings.warn(
+                    f"tokenguard: no price is known for {vendor} model {model!r}; its calls are recorded "
+                    f"unpriced. Register one with tokenguard.register_price({model!r}, input_mtok=..., "
+                    "output_mtok=...)",
+                    UnpricedModelWarning,
+                    stacklevel=2,
+                )
+        return cost
+
+    def _record(
+        self,
+        call: Call,
+        usage: Usage,
+        cost: Decimal | None,
+        *,
+        outcome: Outcome,
+        error: str | None,
+        estimated: bool,
+        model: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        call.settled += 1
+        row = LedgerRow(
+            ts=call.ts,
+            vendor=call.adapter.vendor,
+            endpoint=call.endpoint.name,
+            model=model or call.model,
+            scope=call.scope,
+            usage=usage,
+            cost_usd=cost,
+            estimated=estimated,
+            outcome=outcome,
+            error=error,
+            attempts=call.attempts,
+            latency_s=time.perf_counter() - call.started,
+            stream=call.stream,
+            request_id=request_id,
+        )
+        self.write(row)
+
+    def write(self, row: LedgerRow) -> None:
+        """Write a row; if the store is down, keep it and write it with the next row that succeeds."""
+        with self._unsaved_lock:
+            pending, self._unsaved = [*self._unsaved, row], []
+        for i, item in enumerate(pending):
+            try:
+                self.store.record(item)
+            except StoreUnavailable as err:
+                with self._unsaved_lock:
+                    self._unsaved[:0] = pending[i:]
+                log.error("tokenguard: ledger write failed, %d row(s) kept in memory: %s", len(pending) - i, err)
+                return
+
+    @property
+    def unsaved(self) -> int:
+        """Rows kept in memory because the store could not take them yet."""
+        return len(self._unsaved)
+
+
+def _decoded(response: httpx2.Response, body: bytes) -> bytes:
+    """The raw body with any content-encoding (gzip, br ...) undone, as httpx2 does for the caller."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    try:
+        return httpx2.Response(200, headers={"content-encoding": encoding}, content=body).read()
+    except Exception:  # a body cut off mid-frame: estimate from the request instead
+        return b""

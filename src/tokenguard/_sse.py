@@ -1,0 +1,36 @@
+"""Splitting a server-sent-events body into events (the subset of the SSE spec LLM APIs use).
+
+Works on a body that may be cut off anywhere: a trailing event without its blank line
+is still returned, since its data did reach the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .providers._base import SSEEvent
+
+__all__ = ["iter_sse"]
+
+
+def iter_sse(body: bytes) -> Iterator[SSEEvent]:
+    """Yield ``(event_name, data)`` for each event in ``body``."""
+    name: str | None = None
+    data: list[str] = []
+    for raw in body.decode("utf-8", "replace").splitlines():
+        if not raw:
+            if data:
+                yield name, "\n".join(data)
+            name, data = None, []
+            continue
+        if raw.startswith(":"):
+            continue
+        field, _, value = raw.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            name = value
+    if data:
+        yield name, "\n".join(data)

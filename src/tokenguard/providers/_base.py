@@ -1,0 +1,119 @@
+"""The adapter contract: what the pipeline needs to know about a vendor, and nothing more.
+
+An adapter translates vendor requests and responses into vendor-neutral values: which
+endpoint a request is (and whether it can cost money at all), the model, the text of
+the input (for estimates), and the usage a JSON body or an SSE stream reports. It does
+no I/O, keeps no state and knows nothing of budgets, caches or stores. Adding a vendor
+means adding one adapter module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .._usage import Usage
+
+__all__ = ["Adapter", "Endpoint", "Observed", "SSEEvent", "dig", "gather_texts", "int_at"]
+
+SSEEvent = tuple[str | None, str]
+"""One server-sent event: its ``event:`` name (or ``None``) and its ``data:`` text."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A money-spending endpoint: ``name`` is what the ledger shows (``"chat.completions"``)."""
+
+    name: str
+
+
+@dataclass(slots=True)
+class Observed:
+    """What a response told us: reported usage (``None`` if it reported none), the model
+    that answered, the output text seen (for estimates), the price context (service
+    tier, batch ...), whether the response reached its proper end, and an error it
+    carried in-band."""
+
+    usage: Usage | None = None
+    model: str | None = None
+    text_parts: list[str] = field(default_factory=list)
+    price_context: dict[str, str] = field(default_factory=dict)
+    finished: bool = False
+    error: str | None = None
+
+
+class Adapter(Protocol):
+    """One vendor's translation rules."""
+
+    vendor: str
+
+    def endpoint(self, method: str, url: str) -> Endpoint | None:
+        """The endpoint for a request, or ``None`` when it costs nothing (models, files, counts ...)."""
+
+    def request_model(self, body: Mapping[str, Any]) -> str:
+        """The model the request names (``""`` if none)."""
+
+    def input_texts(self, endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[list[str], int]:
+        """The input's texts and how many chat messages frame them (for estimates)."""
+
+    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
+        """What a complete JSON response body reports."""
+
+    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
+        """What a (possibly cut-short) event stream reported."""
+
+
+def dig(data: Any, *path: str) -> Any:
+    """``data[p0][p1]...`` or ``None`` where a step is missing or not a mapping."""
+    for key in path:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
+
+
+def int_at(data: Any, *path: str) -> int:
+    """A non-negative int found at ``path``, else 0 (vendors send ``null`` for absent details)."""
+    value = dig(data, *path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
+
+
+# keys whose strings are not prose the model reads as tokens of text (ids, enums, binary)
+_SKIP_KEYS = frozenset(
+    {"role", "type", "id", "tool_call_id", "tool_use_id", "image_url", "source", "data", "file_id", "cache_control"}
+)
+
+
+def gather_texts(value: Any, out: list[str] | None = None) -> list[str]:
+    """Every string the model would read as text inside a JSON value (images and ids skipped)."""
+    if out is None:
+        out = []
+    if isinstance(value, str):
+        if not value.startswith("data:"):
+            out.append(value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if key not in _SKIP_KEYS:
+                gather_texts(item, out)
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            # pre-tokenized input: one placeholder character per token keeps the count honest
+            out.append("\x00" * len(value))
+        else:
+            for item in value:
+                gather_texts(item, out)
+    return out
+
+
+def iter_json_events(events: Iterable[SSEEvent]) -> Iterator[tuple[str | None, Any]]:
+    """Decode each event's data as JSON; undecodable data (a corrupted chunk) yields ``None``."""
+    import json
+
+    for name, data in events:
+        try:
+            yield name, json.loads(data)
+        except ValueError:
+            yield name, None

@@ -1,0 +1,134 @@
+"""The Anthropic adapter: ``messages`` and ``beta.messages`` (create, parse, stream).
+
+Anthropic's ``input_tokens`` does **not** include cache tokens, so the whole input is
+``input_tokens + cache_creation_input_tokens + cache_read_input_tokens`` (the SDK's own
+telemetry adds them the same way). In a stream, ``message_start`` carries the input and
+cache counts and ``message_delta`` the cumulative output (and, when present, corrected
+input) counts. Beta ``usage.iterations`` entries of type ``compaction`` are not in the
+top-level usage and are added on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from .._usage import Usage
+from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at, iter_json_events
+
+__all__ = ["AnthropicAdapter"]
+
+MESSAGES: Final = Endpoint("messages")
+_COUNTS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _usage(u: Mapping[str, Any]) -> Usage:
+    base = int_at(u, "input_tokens")
+    written = int_at(u, "cache_creation_input_tokens")
+    read = int_at(u, "cache_read_input_tokens")
+    output = int_at(u, "output_tokens")
+    written_1h = int_at(u, "cache_creation", "ephemeral_1h_input_tokens")
+    reasoning = int_at(u, "output_tokens_details", "thinking_tokens")
+    for item in u.get("iterations") or ():
+        if isinstance(item, Mapping) and item.get("type") == "compaction":
+            base += int_at(item, "input_tokens")
+            written += int_at(item, "cache_creation_input_tokens")
+            read += int_at(item, "cache_read_input_tokens")
+            output += int_at(item, "output_tokens")
+            written_1h += int_at(item, "cache_creation", "ephemeral_1h_input_tokens")
+    return Usage(
+        input_tokens=base + written + read,
+        output_tokens=output,
+        cache_read_tokens=read,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=min(written_1h, written),
+        reasoning_tokens=min(reasoning, output),
+    )
+
+
+def _context(u: Mapping[str, Any]) -> dict[str, str]:
+    ctx: dict[str, str] = {}
+    tier = u.get("service_tier")
+    if tier == "batch":
+        ctx["processing"] = "batch"
+    elif isinstance(tier, str) and tier and tier != "standard":
+        ctx["service_tier"] = tier
+    if u.get("speed") == "fast":
+        ctx["speed"] = "fast"
+    return ctx
+
+
+class AnthropicAdapter:
+    """Translation rules for ``anthropic.Anthropic``."""
+
+    vendor = "anthropic"
+
+    def endpoint(self, method: str, url: str) -> Endpoint | None:
+        """Only ``POST /v1/messages`` spends; ``count_tokens``, models, files ... pass through."""
+        if method.lower() == "post" and url.rstrip("/") in ("/v1/messages", "/messages"):
+            return MESSAGES
+        return None
+
+    def request_model(self, body: Mapping[str, Any]) -> str:
+        """The ``model`` field."""
+        model = body.get("model")
+        return model if isinstance(model, str) else ""
+
+    def input_texts(self, endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[list[str], int]:
+        """System prompt, messages and tool definitions."""
+        texts = gather_texts(body.get("system"))
+        messages = body.get("messages") or []
+        gather_texts(messages, texts)
+        gather_texts(body.get("tools"), texts)
+        return texts, len(messages) if isinstance(messages, list) else 1
+
+    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
+        """Usage of a non-streamed message."""
+        raw = data.get("usage")
+        model = data.get("model")
+        return Observed(
+            usage=_usage(raw) if isinstance(raw, Mapping) else None,
+            model=model if isinstance(model, str) else None,
+            price_context=_context(raw) if isinstance(raw, Mapping) else {},
+            finished=True,
+        )
+
+    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
+        """Merge ``message_start`` and ``message_delta`` usage; collect the text deltas."""
+        seen = Observed()
+        merged: dict[str, Any] = {}
+        for name, event in iter_json_events(events):
+            if not isinstance(event, Mapping):
+                continue
+            kind = event.get("type") or name
+            if kind == "message_start":
+                message = event.get("message")
+                if isinstance(message, Mapping):
+                    if isinstance(message.get("model"), str):
+                        seen.model = message["model"]
+                    if isinstance(message.get("usage"), Mapping):
+                        merged.update(message["usage"])
+            elif kind == "message_delta":
+                usage = event.get("usage")
+                if isinstance(usage, Mapping):
+                    # cumulative counts; a null field means "unchanged"
+                    merged.update({k: v for k, v in usage.items() if v is not None})
+            elif kind == "content_block_delta":
+                delta = event.get("delta")
+                if isinstance(delta, Mapping):
+                    for key in ("text", "thinking", "partial_json"):
+                        if isinstance(delta.get(key), str):
+                            seen.text_parts.append(delta[key])
+            elif kind == "message_stop":
+                seen.finished = True
+            elif kind == "error":
+                seen.error = str(dig(event, "error", "type") or "stream_error")
+        if any(k in merged for k in _COUNTS):
+            seen.usage = _usage(merged)
+            seen.price_context = _context(merged)
+        return seen

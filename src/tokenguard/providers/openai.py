@@ -1,0 +1,165 @@
+"""The OpenAI adapter (also Azure OpenAI): chat completions, Responses, embeddings, legacy completions.
+
+Usage fields (``openai/types/completion_usage.py``, ``responses/response_usage.py``):
+``cached_tokens`` and ``cache_write_tokens`` are parts of the prompt / input count;
+``reasoning_tokens`` is part of the completion / output count — the same meaning as
+tokenguard's ``Usage``, so they map one to one. A chat stream reports usage only when
+the caller asked for ``stream_options.include_usage``; tokenguard never adds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from .._usage import Usage
+from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at, iter_json_events
+
+__all__ = ["OpenAIAdapter"]
+
+CHAT: Final = Endpoint("chat.completions")
+RESPONSES: Final = Endpoint("responses")
+EMBEDDINGS: Final = Endpoint("embeddings")
+COMPLETIONS: Final = Endpoint("completions")
+_BY_URL: Final = {
+    "/chat/completions": CHAT,
+    "/responses": RESPONSES,
+    "/embeddings": EMBEDDINGS,
+    "/completions": COMPLETIONS,
+}
+_TERMINAL_RESPONSE_EVENTS: Final = {
+    "response.completed": None,
+    "response.incomplete": None,
+    "response.failed": "response.failed",
+}
+
+
+def _chat_usage(u: Any) -> Usage:
+    return Usage(
+        input_tokens=int_at(u, "prompt_tokens"),
+        output_tokens=int_at(u, "completion_tokens"),
+        cache_read_tokens=int_at(u, "prompt_tokens_details", "cached_tokens"),
+        cache_write_tokens=int_at(u, "prompt_tokens_details", "cache_write_tokens"),
+        reasoning_tokens=int_at(u, "completion_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _responses_usage(u: Any) -> Usage:
+    return Usage(
+        input_tokens=int_at(u, "input_tokens"),
+        output_tokens=int_at(u, "output_tokens"),
+        cache_read_tokens=int_at(u, "input_tokens_details", "cached_tokens"),
+        cache_write_tokens=int_at(u, "input_tokens_details", "cache_write_tokens"),
+        reasoning_tokens=int_at(u, "output_tokens_details", "reasoning_tokens"),
+    )
+
+
+def _tier(data: Any) -> dict[str, str]:
+    tier = dig(data, "service_tier")
+    return {"service_tier": tier} if isinstance(tier, str) and tier else {}
+
+
+class OpenAIAdapter:
+    """Translation rules for ``openai.OpenAI`` and its Azure variant (``vendor="azure"``)."""
+
+    def __init__(self, vendor: str = "openai") -> None:
+        self.vendor = vendor
+
+    def endpoint(self, method: str, url: str) -> Endpoint | None:
+        """Money paths are the four POST endpoints; everything else passes through."""
+        if method.lower() != "post":
+            return None
+        return _BY_URL.get(url)
+
+    def request_model(self, body: Mapping[str, Any]) -> str:
+        """The ``model`` field."""
+        model = body.get("model")
+        return model if isinstance(model, str) else ""
+
+    def input_texts(self, endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[list[str], int]:
+        """Messages, tools, instructions, prompts or embedding inputs."""
+        if endpoint is CHAT:
+            messages = body.get("messages") or []
+            texts = gather_texts(messages)
+            gather_texts(body.get("tools"), texts)
+            return texts, len(messages) if isinstance(messages, list) else 1
+        if endpoint is RESPONSES:
+            texts = gather_texts(body.get("instructions"))
+            gather_texts(body.get("input"), texts)
+            gather_texts(body.get("tools"), texts)
+            items = body.get("input")
+            return texts, len(items) if isinstance(items, list) else 1
+        if endpoint is EMBEDDINGS:
+            return gather_texts(body.get("input")), 0
+        return gather_texts(body.get("prompt")), 0
+
+    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
+        """Usage of a non-streamed response."""
+        raw = data.get("usage")
+        usage = None
+        if isinstance(raw, Mapping):
+            usage = _responses_usage(raw) if endpoint is RESPONSES else _chat_usage(raw)
+        model = data.get("model")
+        error = "response.failed" if endpoint is RESPONSES and data.get("status") == "failed" else None
+        return Observed(
+            usage=usage,
+            model=model if isinstance(model, str) else None,
+            price_context=_tier(data),
+            finished=True,
+            error=error,
+        )
+
+    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
+        """Usage and text of a chat / completions / Responses event stream."""
+        if endpoint is RESPONSES:
+            return self._responses_events(events)
+        seen = Observed()
+        for _, chunk in iter_json_events(events):
+            if chunk is None:
+                continue
+            if chunk == "[DONE]" or not isinstance(chunk, Mapping):
+                continue
+            if "error" in chunk and chunk.get("error"):
+                seen.error = "stream_error"
+                continue
+            if isinstance(chunk.get("model"), str):
+                seen.model = chunk["model"]
+            seen.price_context.update(_tier(chunk))
+            if isinstance(chunk.get("usage"), Mapping):
+                seen.usage = _chat_usage(chunk["usage"])
+            for choice in chunk.get("choices") or ():
+                if not isinstance(choice, Mapping):
+                    continue
+                if choice.get("finish_reason"):
+                    seen.finished = True
+                if endpoint is COMPLETIONS:
+                    if isinstance(choice.get("text"), str):
+                        seen.text_parts.append(choice["text"])
+                else:
+                    gather_texts(choice.get("delta"), seen.text_parts)
+        return seen
+
+    def _responses_events(self, events: Iterable[SSEEvent]) -> Observed:
+        seen = Observed()
+        for _, event in iter_json_events(events):
+            if not isinstance(event, Mapping):
+                continue
+            kind = event.get("type")
+            if kind == "error":
+                seen.error = "stream_error"
+            elif kind in ("response.output_text.delta", "response.function_call_arguments.delta",
+                          "response.refusal.delta", "response.reasoning_summary_text.delta"):
+                delta = event.get("delta")
+                if isinstance(delta, str):
+                    seen.text_parts.append(delta)
+            response = event.get("response")
+            if isinstance(response, Mapping):
+                if isinstance(response.get("model"), str):
+                    seen.model = response["model"]
+                seen.price_context.update(_tier(response))
+                if isinstance(response.get("usage"), Mapping):
+                    seen.usage = _responses_usage(response["usage"])
+            if kind in _TERMINAL_RESPONSE_EVENTS:
+                seen.finished = True
+                seen.error = _TERMINAL_RESPONSE_EVENTS[kind] or seen.error
+        return seen
