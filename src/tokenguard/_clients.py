@@ -14,7 +14,6 @@ The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns
 
 from __future__ import annotations
 
-import copy as _copy
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -100,10 +99,10 @@ class _SyncGuarded(_GuardedBase):
         call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
         parent = super()
         if call is None:
-            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         token = _ACTIVE.set(call)
         try:
-            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         except BaseException as exc:
             pipeline.failed(call, exc)
             raise
@@ -124,18 +123,16 @@ class _AsyncGuarded(_GuardedBase):
         super().__init__(*args, **kwargs)
         self._tg_setup(_check_guard(guard))
 
-    async def request(
-        self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
-    ) -> Any:
+    async def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
         """Run one logical call through the guard (the SDK awaits this for every request)."""
         pipeline = self.guard.pipeline
         call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
         parent = super()
         if call is None:
-            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         token = _ACTIVE.set(call)
         try:
-            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
+            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         except BaseException as exc:
             pipeline.failed(call, exc)
             raise
@@ -233,9 +230,9 @@ def wrap(client: _C, *, guard: Guard | None = None) -> _C:
         new = client.copy()
     else:
         # let the vendor's own copy() rebuild the client, as an instance of the guarded class
-        shell = object.__new__(cls)
+        shell: Any = object.__new__(cls)
         shell.__dict__.update(client.__dict__)
         shell._tg_guard = None
-        new = cls.copy(shell)
+        new = shell.copy()
     new._tg_guard = guard if guard is not None else cast(_GuardedBase, client).__dict__.get("_tg_guard")
     return cast(_C, new)

@@ -101,8 +101,7 @@ class LoopDetected(TokenguardError):
         self.window_s = window_s
         self.fingerprint = fingerprint
         super().__init__(
-            f"loop detected: request {fingerprint[:16]} repeated {repeats} times within {window_s:g}s; "
-            "it was not sent"
+            f"loop detected: request {fingerprint[:16]} repeated {repeats} times within {window_s:g}s; it was not sent"
         )
 
 

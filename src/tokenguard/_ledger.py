@@ -77,11 +77,22 @@ class Stats:
     def of(cls, rows: Iterable[LedgerRow]) -> Stats:
         """Add up ``rows`` (the reference every store's ``stats()`` must agree with)."""
         acc = dict.fromkeys(
-            (
-                "calls cache_hits retries loops_blocked budget_blocks input_tokens output_tokens errors "
-                "incomplete estimated_calls unpriced_calls cache_read_tokens cache_write_tokens "
-                "reasoning_tokens"
-            ).split(),
+            [
+                "calls",
+                "cache_hits",
+                "retries",
+                "loops_blocked",
+                "budget_blocks",
+                "input_tokens",
+                "output_tokens",
+                "errors",
+                "incomplete",
+                "estimated_calls",
+                "unpriced_calls",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "reasoning_tokens",
+            ],
             0,
         )
         spent = saved = Decimal(0)

@@ -1,7 +1,7 @@
 """Watching a response body that the caller reads later (streams and streamed raw responses).
 
 ``install_tap`` swaps an ``httpx2.Response``'s byte stream for a pass-through that keeps
-a copy of every chunk and calls ``finish(body, complete, error)`` exactly once: when the
+a copy of every chunk and calls ``finish(body, error)`` exactly once: when the
 stream is read to its end, closed early, broken by an error, or — if the caller simply
 drops it — garbage-collected (or the interpreter exits). So an abandoned stream is still
 charged. Nothing the caller reads is changed, delayed or reordered.
@@ -17,7 +17,10 @@ import httpx2
 
 __all__ = ["install_tap"]
 
-Finish = Callable[[bytes, bool, "str | None"], None]
+# raised when a body is read a second time, which SDK clean-up code does on purpose
+_REUSE = (httpx2.StreamConsumed, httpx2.StreamClosed)
+
+Finish = Callable[[bytes, "str | None"], None]
 
 
 class _Tap:
@@ -38,7 +41,7 @@ class _Tap:
             if self._done:
                 return
             self._done = True
-        self._finish(b"".join(self.chunks), self.complete, self.error)
+        self._finish(b"".join(self.chunks), self.error)
 
 
 class _SyncTee(httpx2.SyncByteStream):
@@ -53,6 +56,8 @@ class _SyncTee(httpx2.SyncByteStream):
                 tap.chunks.append(chunk)
                 yield chunk
             tap.complete = True
+        except _REUSE:
+            raise  # a second read (the SDK drains a finished stream): not a failure of the body
         except Exception as exc:
             tap.error = type(exc).__name__
             raise
@@ -79,6 +84,8 @@ class _AsyncTee(httpx2.AsyncByteStream):
                 tap.chunks.append(chunk)
                 yield chunk
             tap.complete = True
+        except _REUSE:
+            raise  # a second read (the SDK drains a finished stream): not a failure of the body
         except Exception as exc:
             tap.error = type(exc).__name__
             raise
@@ -97,11 +104,9 @@ def install_tap(response: httpx2.Response, finish: Finish, *, is_async: bool) ->
     """Route ``response``'s body through a tee that reports the whole body once it ends."""
     tap = _Tap(finish)
     stream = response.stream
-    tee: httpx2.SyncByteStream | httpx2.AsyncByteStream
-    if is_async:
-        tee = _AsyncTee(stream, tap)  # type: ignore[arg-type]
-    else:
-        tee = _SyncTee(stream, tap)  # type: ignore[arg-type]
+    tee: httpx2.SyncByteStream | httpx2.AsyncByteStream = (
+        _AsyncTee(stream, tap) if is_async else _SyncTee(stream, tap)  # type: ignore[arg-type]
+    )
     response.stream = tee
     # dropped without being read or closed: charge what was received when it is collected
     weakref.finalize(tee, tap.finish)

@@ -112,10 +112,13 @@ class Pipeline:
         """Account for one successful HTTP response: now if its body is read, else as it streams."""
         try:
             if response.is_stream_consumed:
-                self._settle_body(call, response, response.content, complete=True, error=None, raw=False)
+                self._settle_body(call, response, response.content, error=None, raw=False)
             else:
-                install_tap(response, lambda body, complete, error: self._settle_body(
-                    call, response, body, complete=complete, error=error, raw=True), is_async=is_async)
+                install_tap(
+                    response,
+                    lambda body, error: self._settle_body(call, response, body, error=error, raw=True),
+                    is_async=is_async,
+                )
         except Exception:
             log.exception("tokenguard: could not account for a %s call", call.endpoint.name)
 
@@ -128,8 +131,14 @@ class Pipeline:
             if any(marker in name for marker in _MAYBE_BILLED):
                 # the request reached the vendor; charge the input we know it read
                 usage = Usage(input_tokens=self._estimate_input(call))
-                self._record(call, usage, self._price(call, call.model, usage, {}), outcome="error",
-                             error=name, estimated=True)
+                self._record(
+                    call,
+                    usage,
+                    self._price(call, call.model, usage, {}),
+                    outcome="error",
+                    error=name,
+                    estimated=True,
+                )
             else:
                 self._record(call, Usage(), Decimal(0), outcome="error", error=name, estimated=False)
         except Exception:
@@ -143,7 +152,6 @@ class Pipeline:
         response: httpx2.Response,
         body: bytes,
         *,
-        complete: bool,
         error: str | None,
         raw: bool,
     ) -> None:
@@ -151,23 +159,29 @@ class Pipeline:
             seen = self._read(call, response, _decoded(response, body) if raw else body)
             if error is not None:
                 seen.error = error
-            exact = seen.usage is not None and seen.finished and complete and seen.error is None
-            if seen.usage is not None and exact:
-                usage = seen.usage
-            else:
-                usage = self._estimate(call, seen)
+            # a terminal event marks the end even if the caller closed before reading the final bytes
+            exact = seen.usage is not None and seen.finished and seen.error is None
+            usage = seen.usage if seen.usage is not None and exact else self._estimate(call, seen)
             outcome: Outcome
             if seen.error is not None:
                 outcome = "error"
-            elif complete and seen.finished:
+            elif seen.finished:
                 outcome = "ok"  # estimated when a finished stream simply carried no usage
             else:
                 outcome = "incomplete"
             model = seen.model or call.model
             cost = self._price(call, model, usage, seen.price_context)
             request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
-            self._record(call, usage, cost, outcome=outcome, error=seen.error, estimated=not exact,
-                         model=model, request_id=request_id)
+            self._record(
+                call,
+                usage,
+                cost,
+                outcome=outcome,
+                error=seen.error,
+                estimated=not exact,
+                model=model,
+                request_id=request_id,
+            )
         except Exception:
             log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
 

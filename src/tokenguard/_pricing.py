@@ -5,7 +5,7 @@ price table here. genai-prices' own calculation costs ~100 µs a call, too much 
 call path, so a model's price is resolved **once** (per model, price context and
 minute, since prices carry start dates and times of day) into a ``RateCard``: the
 marginal USD price of each usage count, measured by asking genai-prices to price
-probe usages. Pricing is linear inside a price tier, so ``cost = Σ rate × count`` is
+probe usages. Pricing is linear inside a price tier, so ``cost = sum(rate * count)`` is
 exact; every card checks itself against genai-prices on a mixed usage when it is built
 and falls back to genai-prices' full calculation if they ever disagree, and any usage at
 or above a tier boundary (e.g. >200k input tokens) is priced by genai-prices directly.
@@ -121,12 +121,7 @@ class RateCard:
 
 
 def _lowest_tier_start(price: ModelPrice) -> int | None:
-    starts = [
-        tier.start
-        for value in vars(price).values()
-        if isinstance(value, TieredPrices)
-        for tier in value.tiers
-    ]
+    starts = [tier.start for value in vars(price).values() if isinstance(value, TieredPrices) for tier in value.tiers]
     return min(starts) if starts else None
 
 
@@ -245,9 +240,7 @@ class PriceBook:
         self._cards[key] = (minute, version, card)
         return card
 
-    def cost(
-        self, vendor: str, model: str, usage: Usage, context: Mapping[str, str] | None = None
-    ) -> Decimal | None:
+    def cost(self, vendor: str, model: str, usage: Usage, context: Mapping[str, str] | None = None) -> Decimal | None:
         """USD cost of ``usage`` on ``model``, or ``None`` when no price is known."""
         card = self.card(vendor, model, context)
         return None if card is None else card.cost(usage)

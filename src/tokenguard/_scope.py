@@ -48,7 +48,7 @@ def validate_scope(attrs: Mapping[str, object], *, setting: str = "scope") -> di
     return out
 
 
-class scope:  # noqa: N801 - used like a function: `with tokenguard.scope(user="alice"):`
+class scope:
     """Attribute the calls made inside the block: ``with tokenguard.scope(user="alice", project="x"):``.
 
     Works with ``with`` and ``async with``, nests (inner attributes override outer ones),

@@ -9,6 +9,7 @@ means adding one adapter module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ class Observed:
 
     usage: Usage | None = None
     model: str | None = None
+    # finished: the response reached its terminal event ([DONE], message_stop, response.completed)
     text_parts: list[str] = field(default_factory=list)
     price_context: dict[str, str] = field(default_factory=dict)
     finished: bool = False
@@ -83,7 +85,18 @@ def int_at(data: Any, *path: str) -> int:
 
 # keys whose strings are not prose the model reads as tokens of text (ids, enums, binary)
 _SKIP_KEYS = frozenset(
-    {"role", "type", "id", "tool_call_id", "tool_use_id", "image_url", "source", "data", "file_id", "cache_control"}
+    {
+        "role",
+        "type",
+        "id",
+        "tool_call_id",
+        "tool_use_id",
+        "image_url",
+        "source",
+        "data",
+        "file_id",
+        "cache_control",
+    }
 )
 
 
@@ -108,12 +121,11 @@ def gather_texts(value: Any, out: list[str] | None = None) -> list[str]:
     return out
 
 
-def iter_json_events(events: Iterable[SSEEvent]) -> Iterator[tuple[str | None, Any]]:
-    """Decode each event's data as JSON; undecodable data (a corrupted chunk) yields ``None``."""
-    import json
-
+def iter_json_events(events: Iterable[SSEEvent]) -> Iterator[tuple[str | None, str, Any]]:
+    """``(name, data, decoded)`` per event; data that is not JSON (``[DONE]``, a corrupted
+    chunk) decodes to ``None``."""
     for name, data in events:
         try:
-            yield name, json.loads(data)
+            yield name, data, json.loads(data)
         except ValueError:
-            yield name, None
+            yield name, data, None

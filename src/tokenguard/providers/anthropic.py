@@ -102,7 +102,7 @@ class AnthropicAdapter:
         """Merge ``message_start`` and ``message_delta`` usage; collect the text deltas."""
         seen = Observed()
         merged: dict[str, Any] = {}
-        for name, event in iter_json_events(events):
+        for name, _, event in iter_json_events(events):
             if not isinstance(event, Mapping):
                 continue
             kind = event.get("type") or name

@@ -114,10 +114,12 @@ class OpenAIAdapter:
         if endpoint is RESPONSES:
             return self._responses_events(events)
         seen = Observed()
-        for _, chunk in iter_json_events(events):
+        for _, data, chunk in iter_json_events(events):
             if chunk is None:
+                if data == "[DONE]":
+                    seen.finished = True
                 continue
-            if chunk == "[DONE]" or not isinstance(chunk, Mapping):
+            if not isinstance(chunk, Mapping):
                 continue
             if "error" in chunk and chunk.get("error"):
                 seen.error = "stream_error"
@@ -130,8 +132,6 @@ class OpenAIAdapter:
             for choice in chunk.get("choices") or ():
                 if not isinstance(choice, Mapping):
                     continue
-                if choice.get("finish_reason"):
-                    seen.finished = True
                 if endpoint is COMPLETIONS:
                     if isinstance(choice.get("text"), str):
                         seen.text_parts.append(choice["text"])
@@ -141,14 +141,18 @@ class OpenAIAdapter:
 
     def _responses_events(self, events: Iterable[SSEEvent]) -> Observed:
         seen = Observed()
-        for _, event in iter_json_events(events):
+        for _, _, event in iter_json_events(events):
             if not isinstance(event, Mapping):
                 continue
             kind = event.get("type")
             if kind == "error":
                 seen.error = "stream_error"
-            elif kind in ("response.output_text.delta", "response.function_call_arguments.delta",
-                          "response.refusal.delta", "response.reasoning_summary_text.delta"):
+            elif kind in (
+                "response.output_text.delta",
+                "response.function_call_arguments.delta",
+                "response.refusal.delta",
+                "response.reasoning_summary_text.delta",
+            ):
                 delta = event.get("delta")
                 if isinstance(delta, str):
                     seen.text_parts.append(delta)

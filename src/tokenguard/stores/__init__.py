@@ -36,7 +36,7 @@ def open_store(store: str | os.PathLike[str] | Store | None) -> Store:
     if store in ("memory://", "memory"):
         return MemoryStore()
     if store.startswith("sqlite:///"):
-        path = store[len("sqlite:///"):]
+        path = store[len("sqlite:///") :]
         if not path:
             raise ConfigurationError("store", store, "name a file: sqlite:///relative.db or sqlite:////abs.db")
         return SQLiteStore(path)
@@ -45,7 +45,9 @@ def open_store(store: str | os.PathLike[str] | Store | None) -> Store:
             "store", _redact(store), "the Redis store is not in this release yet; use sqlite:/// or memory://"
         )
     raise ConfigurationError(
-        "store", _redact(store), "unknown store; use memory://, sqlite:///relative.db or sqlite:////abs/path.db"
+        "store",
+        _redact(store),
+        "unknown store; use memory://, sqlite:///relative.db or sqlite:////abs/path.db",
     )
 
 

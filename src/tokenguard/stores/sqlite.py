@@ -123,7 +123,7 @@ class SQLiteStore:
                 )
             if version < _SCHEMA_VERSION:
                 conn.executescript(_SCHEMA + f"PRAGMA user_version={_SCHEMA_VERSION};")
-            conn.create_aggregate("tg_dsum", 1, _DecimalSum)
+            conn.create_aggregate("tg_dsum", 1, _DecimalSum)  # type: ignore[arg-type]  # step/finalize duck-typed
         except (sqlite3.Error, OSError) as err:
             raise StoreUnavailable("store", self.url, f"cannot open the SQLite ledger: {err}") from err
         self._conn = conn

@@ -1,0 +1,35 @@
+"""Shared fixtures: a fresh in-memory guard, a fake LLM API, and isolation of process-wide state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import tokenguard
+from tokenguard import _tokens
+from tokenguard.testing import FakeLLM
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test touches the user's real ledger, tiktoken cache or default guard."""
+    monkeypatch.setenv("TOKENGUARD_STORE", "memory://")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-empty")))
+    tokenguard.set_default_guard(None)
+    _tokens._reset_for_tests()
+    yield
+    tokenguard.set_default_guard(None)
+    _tokens._reset_for_tests()
+
+
+@pytest.fixture
+def guard() -> tokenguard.Guard:
+    """A guard with an in-memory ledger."""
+    return tokenguard.Guard(store="memory://")
+
+
+@pytest.fixture
+def fake() -> FakeLLM:
+    """A fake OpenAI + Anthropic API with the default reply."""
+    return FakeLLM()
