@@ -156,12 +156,20 @@ class Pipeline:
         raw: bool,
     ) -> None:
         try:
-            seen = self._read(call, response, _decoded(response, body) if raw else body)
+            seen = self._read(call, response, _decoded(response, body) if raw else body, want_text=False)
             if error is not None:
                 seen.error = error
             # a terminal event marks the end even if the caller closed before reading the final bytes
             exact = seen.usage is not None and seen.finished and seen.error is None
-            usage = seen.usage if seen.usage is not None and exact else self._estimate(call, seen)
+            if exact:
+                assert seen.usage is not None
+                usage = seen.usage
+            else:
+                # the usage is missing or partial: read again, this time keeping the output text
+                seen = self._read(call, response, _decoded(response, body) if raw else body, want_text=True)
+                if error is not None:
+                    seen.error = error
+                usage = self._estimate(call, seen)
             outcome: Outcome
             if seen.error is not None:
                 outcome = "error"
@@ -185,9 +193,9 @@ class Pipeline:
         except Exception:
             log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
 
-    def _read(self, call: Call, response: httpx2.Response, body: bytes) -> Observed:
+    def _read(self, call: Call, response: httpx2.Response, body: bytes, *, want_text: bool) -> Observed:
         if "text/event-stream" in response.headers.get("content-type", ""):
-            return call.adapter.from_events(call.endpoint, iter_sse(body))
+            return call.adapter.from_events(call.endpoint, list(iter_sse(body)), want_text=want_text)
         try:
             data = json.loads(body)
         except ValueError:
@@ -267,6 +275,14 @@ class Pipeline:
 
     def write(self, row: LedgerRow) -> None:
         """Write a row; if the store is down, keep it and write it with the next row that succeeds."""
+        if not self._unsaved:
+            try:
+                self.store.record(row)
+            except StoreUnavailable as err:
+                with self._unsaved_lock:
+                    self._unsaved.append(row)
+                log.error("tokenguard: ledger write failed, 1 row kept in memory: %s", err)
+            return
         with self._unsaved_lock:
             pending, self._unsaved = [*self._unsaved, row], []
         for i, item in enumerate(pending):

@@ -28,10 +28,21 @@ class Usage:
     reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Usage.{field.name} must be a non-negative int, got {value!r}")
+        # on the call path: one cheap pass, the slow lookup only to name a bad field
+        values = (
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+            self.reasoning_tokens,
+        )
+        for value in values:
+            if type(value) is not int or value < 0:
+                for field in dataclasses.fields(self):
+                    bad = getattr(self, field.name)
+                    if type(bad) is not int or bad < 0:
+                        raise ValueError(f"Usage.{field.name} must be a non-negative int, got {bad!r}")
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):

@@ -9,8 +9,7 @@ means adding one adapter module.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,25 +61,30 @@ class Adapter(Protocol):
     def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
         """What a complete JSON response body reports."""
 
-    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
-        """What a (possibly cut-short) event stream reported."""
+    def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
+        """What a (possibly cut-short) event stream reported.
+
+        Decoding every event would double the SDK's work, so only the events that carry
+        usage, the model, the end or an error are decoded; the output text (``text_parts``)
+        is collected only when ``want_text`` — the pipeline asks again with it when the
+        usage is missing or incomplete.
+        """
 
 
 def dig(data: Any, *path: str) -> Any:
     """``data[p0][p1]...`` or ``None`` where a step is missing or not a mapping."""
     for key in path:
-        if not isinstance(data, Mapping):
+        if isinstance(data, dict | Mapping):  # dict is checked first: the fast, common case
+            data = data.get(key)
+        else:
             return None
-        data = data.get(key)
     return data
 
 
 def int_at(data: Any, *path: str) -> int:
     """A non-negative int found at ``path``, else 0 (vendors send ``null`` for absent details)."""
     value = dig(data, *path)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
+    return value if type(value) is int and value >= 0 else 0
 
 
 # keys whose strings are not prose the model reads as tokens of text (ids, enums, binary)
@@ -119,13 +123,3 @@ def gather_texts(value: Any, out: list[str] | None = None) -> list[str]:
             for item in value:
                 gather_texts(item, out)
     return out
-
-
-def iter_json_events(events: Iterable[SSEEvent]) -> Iterator[tuple[str | None, str, Any]]:
-    """``(name, data, decoded)`` per event; data that is not JSON (``[DONE]``, a corrupted
-    chunk) decodes to ``None``."""
-    for name, data in events:
-        try:
-            yield name, data, json.loads(data)
-        except ValueError:
-            yield name, data, None

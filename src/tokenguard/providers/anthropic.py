@@ -10,15 +10,19 @@ top-level usage and are added on top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at, iter_json_events
+from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at
 
 __all__ = ["AnthropicAdapter"]
 
 MESSAGES: Final = Endpoint("messages")
+_TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
+_DECODED: Final = frozenset({"message_start", "message_delta", "content_block_delta", "error"})
 _COUNTS: Final = (
     "input_tokens",
     "output_tokens",
@@ -98,37 +102,52 @@ class AnthropicAdapter:
             finished=True,
         )
 
-    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
-        """Merge ``message_start`` and ``message_delta`` usage; collect the text deltas."""
+    def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
+        """Merge ``message_start`` and ``message_delta`` usage; collect the text deltas if wanted."""
         seen = Observed()
         merged: dict[str, Any] = {}
-        for name, _, event in iter_json_events(events):
-            if not isinstance(event, Mapping):
+        for name, data in events:
+            kind = name or _type_of(data)
+            if kind == "message_stop":
+                seen.finished = True
                 continue
-            kind = event.get("type") or name
+            if kind == "content_block_delta" and not want_text:
+                continue
+            if kind not in _DECODED:
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
             if kind == "message_start":
                 message = event.get("message")
-                if isinstance(message, Mapping):
+                if isinstance(message, dict):
                     if isinstance(message.get("model"), str):
                         seen.model = message["model"]
-                    if isinstance(message.get("usage"), Mapping):
+                    if isinstance(message.get("usage"), dict):
                         merged.update(message["usage"])
             elif kind == "message_delta":
                 usage = event.get("usage")
-                if isinstance(usage, Mapping):
+                if isinstance(usage, dict):
                     # cumulative counts; a null field means "unchanged"
                     merged.update({k: v for k, v in usage.items() if v is not None})
             elif kind == "content_block_delta":
                 delta = event.get("delta")
-                if isinstance(delta, Mapping):
+                if isinstance(delta, dict):
                     for key in ("text", "thinking", "partial_json"):
                         if isinstance(delta.get(key), str):
                             seen.text_parts.append(delta[key])
-            elif kind == "message_stop":
-                seen.finished = True
             elif kind == "error":
                 seen.error = str(dig(event, "error", "type") or "stream_error")
         if any(k in merged for k in _COUNTS):
             seen.usage = _usage(merged)
             seen.price_context = _context(merged)
         return seen
+
+
+def _type_of(data: str) -> str | None:
+    """The ``type`` of an event whose ``event:`` line was missing."""
+    found = _TYPE.search(data)
+    return found.group(1) if found else None

@@ -9,11 +9,13 @@ the caller asked for ``stream_options.include_usage``; tokenguard never adds it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at, iter_json_events
+from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at
 
 __all__ = ["OpenAIAdapter"]
 
@@ -27,6 +29,16 @@ _BY_URL: Final = {
     "/embeddings": EMBEDDINGS,
     "/completions": COMPLETIONS,
 }
+_HAS_USAGE: Final = re.compile(r'"usage"\s*:\s*\{')
+_TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
+_TEXT_EVENTS: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.function_call_arguments.delta",
+        "response.refusal.delta",
+        "response.reasoning_summary_text.delta",
+    }
+)
 _TERMINAL_RESPONSE_EVENTS: Final = {
     "response.completed": None,
     "response.incomplete": None,
@@ -109,61 +121,79 @@ class OpenAIAdapter:
             error=error,
         )
 
-    def from_events(self, endpoint: Endpoint, events: Iterable[SSEEvent]) -> Observed:
-        """Usage and text of a chat / completions / Responses event stream."""
+    def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
+        """Usage and (if wanted) text of a chat / completions / Responses event stream."""
         if endpoint is RESPONSES:
-            return self._responses_events(events)
+            return self._responses_events(events, want_text)
         seen = Observed()
-        for _, data, chunk in iter_json_events(events):
-            if chunk is None:
-                if data == "[DONE]":
-                    seen.finished = True
+        for index, (_, data) in enumerate(events):
+            if data == "[DONE]":
+                seen.finished = True
                 continue
-            if not isinstance(chunk, Mapping):
+            # decode only what can matter: the first chunk (model), usage, errors, text if wanted
+            if not (want_text or index == 0 or _HAS_USAGE.search(data) or '"error"' in data):
                 continue
-            if "error" in chunk and chunk.get("error"):
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
                 seen.error = "stream_error"
                 continue
             if isinstance(chunk.get("model"), str):
                 seen.model = chunk["model"]
             seen.price_context.update(_tier(chunk))
-            if isinstance(chunk.get("usage"), Mapping):
+            if isinstance(chunk.get("usage"), dict):
                 seen.usage = _chat_usage(chunk["usage"])
-            for choice in chunk.get("choices") or ():
-                if not isinstance(choice, Mapping):
-                    continue
-                if endpoint is COMPLETIONS:
-                    if isinstance(choice.get("text"), str):
-                        seen.text_parts.append(choice["text"])
-                else:
-                    gather_texts(choice.get("delta"), seen.text_parts)
+            if want_text:
+                for choice in chunk.get("choices") or ():
+                    if not isinstance(choice, dict):
+                        continue
+                    if endpoint is COMPLETIONS:
+                        if isinstance(choice.get("text"), str):
+                            seen.text_parts.append(choice["text"])
+                    else:
+                        gather_texts(choice.get("delta"), seen.text_parts)
         return seen
 
-    def _responses_events(self, events: Iterable[SSEEvent]) -> Observed:
+    def _responses_events(self, events: Sequence[SSEEvent], want_text: bool) -> Observed:
         seen = Observed()
-        for _, _, event in iter_json_events(events):
-            if not isinstance(event, Mapping):
+        for name, data in events:
+            kind = name or _type_of(data)
+            if kind in _TEXT_EVENTS:
+                if want_text:
+                    delta = dig(_loads(data), "delta")
+                    if isinstance(delta, str):
+                        seen.text_parts.append(delta)
                 continue
-            kind = event.get("type")
             if kind == "error":
                 seen.error = "stream_error"
-            elif kind in (
-                "response.output_text.delta",
-                "response.function_call_arguments.delta",
-                "response.refusal.delta",
-                "response.reasoning_summary_text.delta",
-            ):
-                delta = event.get("delta")
-                if isinstance(delta, str):
-                    seen.text_parts.append(delta)
-            response = event.get("response")
-            if isinstance(response, Mapping):
+                continue
+            if kind not in _TERMINAL_RESPONSE_EVENTS and kind != "response.created":
+                continue
+            response = dig(_loads(data), "response")
+            if isinstance(response, dict):
                 if isinstance(response.get("model"), str):
                     seen.model = response["model"]
                 seen.price_context.update(_tier(response))
-                if isinstance(response.get("usage"), Mapping):
+                if isinstance(response.get("usage"), dict):
                     seen.usage = _responses_usage(response["usage"])
             if kind in _TERMINAL_RESPONSE_EVENTS:
                 seen.finished = True
                 seen.error = _TERMINAL_RESPONSE_EVENTS[kind] or seen.error
         return seen
+
+
+def _loads(data: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _type_of(data: str) -> str | None:
+    """The ``type`` of a Responses event whose ``event:`` line was missing."""
+    found = _TYPE.search(data)
+    return found.group(1) if found else None

@@ -3,14 +3,27 @@
 Safe across threads (one connection per store, behind a lock) and across processes
 (WAL, a 30 s busy timeout, and a fresh connection after ``fork``). Money is stored as
 exact decimal text and summed by a ``Decimal`` SQL aggregate, never as float.
+
+Writes are **write-behind** by default: ``record()`` queues the row and a background
+thread commits queued rows in one transaction at most ``write_behind_s`` (50 ms) later,
+so a call pays microseconds, not a commit. Every read through the store, ``flush()``,
+``close()``, interpreter exit and multiprocessing worker exit write the queue first, so
+this process always reads its own rows; other processes see them within
+``write_behind_s``. A process killed with SIGKILL loses at most that window.
+``write_behind_s=0`` commits every row before ``record()`` returns.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
+import multiprocessing.util
 import os
 import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,11 +31,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from .._errors import StoreUnavailable
+from .._errors import ConfigurationError, StoreUnavailable
 from .._ledger import LedgerRow, Stats
 from .._usage import Usage
 
 __all__ = ["SQLiteStore", "money_text"]
+
+log = logging.getLogger("tokenguard")
+_MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
 
 _SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -66,6 +82,95 @@ def money_text(value: Decimal | None) -> str | None:
     return format(value, "f")
 
 
+def _values(row: LedgerRow) -> tuple[Any, ...]:
+    u = row.usage
+    return (
+        row.ts.timestamp(),
+        row.vendor,
+        row.endpoint,
+        row.model,
+        json.dumps(dict(row.scope), sort_keys=True, separators=(",", ":")),
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_tokens,
+        u.cache_write_tokens,
+        u.cache_write_1h_tokens,
+        u.reasoning_tokens,
+        money_text(row.cost_usd),
+        money_text(row.saved_usd),
+        int(row.estimated),
+        row.outcome,
+        row.error,
+        row.attempts,
+        row.latency_s,
+        int(row.stream),
+        row.request_id,
+    )
+
+
+def _writer_loop(ref: weakref.ref[SQLiteStore]) -> None:
+    """Commit queued rows in batches until the store is closed or collected."""
+    while True:
+        store = ref()
+        if store is None:
+            return
+        cond, delay = store._cond, store.write_behind_s
+        with cond:
+            while not store._queue and not store._closed:
+                cond.wait()
+            if store._closed and not store._queue:
+                return
+        del store  # hold no strong reference while sleeping
+        time.sleep(delay)  # let rows gather into one transaction
+        store = ref()
+        if store is None:
+            return
+        try:
+            store.flush()
+        except StoreUnavailable as err:
+            log.error("tokenguard: ledger write failed; rows stay queued and are retried: %s", err)
+            time.sleep(1.0)
+        del store
+
+
+_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _flush_all() -> None:
+    """Write every store's queue (at exit)."""
+    for store in list(_stores):
+        if store._pid != os.getpid():
+            continue
+        try:
+            store.flush()
+        except Exception as err:  # exit must go on
+            log.error("tokenguard: %d ledger row(s) could not be written at exit: %s", store.queued, err)
+
+
+class _ExitHook:
+    """Registers ``_flush_all`` with multiprocessing, whose workers leave through ``os._exit``
+    (skipping atexit) but run its finalizers; a forked worker re-registers after its fork."""
+
+    def register(self) -> None:
+        multiprocessing.util.Finalize(None, _flush_all, exitpriority=10)
+        multiprocessing.util.register_after_fork(self, _ExitHook.register)
+
+
+_exit_hook = _ExitHook()
+_exit_hook.register()
+atexit.register(_flush_all)
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        # rows queued in the parent are the parent's to write
+        store._reset_after_fork()
+        store._conn = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _DecimalSum:
     """SQL aggregate ``tg_dsum(text)``: the exact ``Decimal`` sum, returned as text."""
 
@@ -98,13 +203,29 @@ def _where(since: datetime | None, until: datetime | None, scope: Mapping[str, s
 class SQLiteStore:
     """The ledger in one SQLite file (created, with its directory, on first use)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, write_behind_s: float = 0.05) -> None:
         self.path = Path(path).expanduser()
         self.url = f"sqlite:///{self.path}"
-        self._lock = threading.Lock()
+        if (
+            isinstance(write_behind_s, bool)
+            or not isinstance(write_behind_s, int | float)
+            or not (0 <= write_behind_s <= 60)
+        ):
+            raise ConfigurationError("write_behind_s", write_behind_s, "must be between 0 and 60 seconds")
+        self.write_behind_s = float(write_behind_s)
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
+        self._reset_after_fork()
         self._connect()
+        _stores.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()  # guards the connection
+        self._flush_lock = threading.Lock()  # one batch at a time
+        self._cond = threading.Condition()  # guards the queue
+        self._queue: list[LedgerRow] = []
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -137,37 +258,59 @@ class SQLiteStore:
         return self._conn
 
     def record(self, row: LedgerRow) -> None:
-        """Append one row (committed before this returns)."""
-        u = row.usage
-        values = (
-            row.ts.timestamp(),
-            row.vendor,
-            row.endpoint,
-            row.model,
-            json.dumps(dict(row.scope), sort_keys=True, separators=(",", ":")),
-            u.input_tokens,
-            u.output_tokens,
-            u.cache_read_tokens,
-            u.cache_write_tokens,
-            u.cache_write_1h_tokens,
-            u.reasoning_tokens,
-            money_text(row.cost_usd),
-            money_text(row.saved_usd),
-            int(row.estimated),
-            row.outcome,
-            row.error,
-            row.attempts,
-            row.latency_s,
-            int(row.stream),
-            row.request_id,
-        )
+        """Queue one row for the writer thread (or commit it now when ``write_behind_s=0``)."""
+        if self.write_behind_s <= 0:
+            self._commit([row])
+            return
+        with self._cond:
+            self._queue.append(row)
+            backlog = len(self._queue)
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(
+                    target=_writer_loop, args=(weakref.ref(self),), name="tokenguard-ledger-writer", daemon=True
+                )
+                self._writer.start()
+            if backlog == 1:
+                self._cond.notify()
+        if backlog >= _MAX_QUEUE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every queued row now (raises ``StoreUnavailable`` if that fails; the rows stay queued)."""
+        with self._flush_lock:
+            with self._cond:
+                batch, self._queue = self._queue, []
+            if not batch:
+                return
+            try:
+                self._commit(batch)
+            except BaseException:
+                with self._cond:
+                    self._queue[:0] = batch
+                raise
+
+    @property
+    def queued(self) -> int:
+        """Rows recorded but not yet committed."""
+        return len(self._queue)
+
+    def _commit(self, rows: list[LedgerRow]) -> None:
+        values = [_values(row) for row in rows]
         try:
             with self._lock:
-                self._connection().execute(_INSERT, values)
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_INSERT, values)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
         except sqlite3.Error as err:
             raise StoreUnavailable("store", self.url, f"cannot write the ledger: {err}") from err
 
     def _query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        self.flush()
         try:
             with self._lock:
                 return self._connection().execute(sql, params).fetchall()
@@ -243,11 +386,17 @@ class SQLiteStore:
         )
 
     def close(self) -> None:
-        """Close this process's connection."""
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+        """Write queued rows, stop the writer and close this process's connection."""
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            with self._lock:
+                if self._conn is not None and self._pid == os.getpid():
+                    self._conn.close()
+                self._conn = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
