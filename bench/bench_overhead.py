@@ -29,26 +29,64 @@ import tokenguard
 
 MSGS = [{"role": "user", "content": "Summarise the quarterly report in one line."}]
 
-CHAT = json.dumps({
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4o-2024-08-06",
-    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                 "message": {"role": "assistant", "content": "Revenue rose 12% on strong cloud demand.", "refusal": None}}],
-    "usage": {"prompt_tokens": 1200, "completion_tokens": 40, "total_tokens": 1240,
-              "prompt_tokens_details": {"cached_tokens": 400}, "completion_tokens_details": {"reasoning_tokens": 0}},
-}).encode()
+CHAT = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {
+                    "role": "assistant",
+                    "content": "Revenue rose 12% on strong cloud demand.",
+                    "refusal": None,
+                },
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 1200,
+            "completion_tokens": 40,
+            "total_tokens": 1240,
+            "prompt_tokens_details": {"cached_tokens": 400},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+).encode()
+
+
+def _chunk(choices: str, extra: str = "") -> bytes:
+    head = '{"id":"c","object":"chat.completion.chunk","created":0,"model":"gpt-4o",'
+    return f'data: {head}{extra}"choices":{choices}}}\n\n'.encode()
+
+
 CHUNKS = [
-    b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
-    *[b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"word "}}]}\n\n'] * 20,
-    b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
-    b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":1200,"completion_tokens":40,"total_tokens":1240}}\n\n',
+    _chunk('[{"index":0,"delta":{"role":"assistant","content":""}}]'),
+    *[_chunk('[{"index":0,"delta":{"content":"word "}}]')] * 20,
+    _chunk('[{"index":0,"delta":{},"finish_reason":"stop"}]'),
+    _chunk("[]", '"usage":{"prompt_tokens":1200,"completion_tokens":40,"total_tokens":1240},'),
     b"data: [DONE]\n\n",
 ]
-MESSAGE = json.dumps({
-    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
-    "content": [{"type": "text", "text": "Revenue rose 12% on strong cloud demand."}],
-    "stop_reason": "end_turn", "stop_sequence": None,
-    "usage": {"input_tokens": 800, "output_tokens": 40, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 400},
-}).encode()
+MESSAGE = json.dumps(
+    {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "Revenue rose 12% on strong cloud demand."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 800,
+            "output_tokens": 40,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 400,
+        },
+    }
+).encode()
 
 
 def handler(request: httpx2.Request) -> httpx2.Response:
@@ -70,8 +108,11 @@ def scenarios(guard: tokenguard.Guard) -> dict[str, tuple[Callable[[], Any], Cal
     tg_ant = tokenguard.Anthropic(api_key="sk-bench", base_url="http://bench.test", http_client=http(), guard=guard)
 
     def stream(client: Any) -> Callable[[], Any]:
-        return lambda: list(client.chat.completions.create(
-            model="gpt-4o", messages=MSGS, stream=True, stream_options={"include_usage": True}))
+        return lambda: list(
+            client.chat.completions.create(
+                model="gpt-4o", messages=MSGS, stream=True, stream_options={"include_usage": True}
+            )
+        )
 
     return {
         "openai chat.completions.create": (
@@ -122,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"python {sys.version.split()[0]}, {args.calls} interleaved calls per client, SQLite ledger ({rows} rows)")
+        print(
+            f"python {sys.version.split()[0]}, {args.calls} interleaved calls per client, SQLite ledger ({rows} rows)"
+        )
         print(f"{'scenario':34} {'bare µs':>9} {'guarded µs':>11} {'+µs':>7} {'ratio':>7}")
         for name, r in results.items():
-            print(f"{name:34} {r['bare_median_us']:9.1f} {r['guarded_median_us']:11.1f} "
-                  f"{r['overhead_us']:7.1f} {r['ratio']:7.3f}")
+            print(
+                f"{name:34} {r['bare_median_us']:9.1f} {r['guarded_median_us']:11.1f} "
+                f"{r['overhead_us']:7.1f} {r['ratio']:7.3f}"
+            )
     return 0
 
 
