@@ -102,7 +102,10 @@ class Pipeline:
             started=time.perf_counter(),
         )
         if self.require_prices and self.prices.card(adapter.vendor, call.model) is None:
-            self._record(call, Usage(), None, outcome="blocked", error="unpriced", estimated=False)
+            try:
+                self._record(call, Usage(), None, outcome="blocked", error="unpriced", estimated=False)
+            except Exception:  # a broken store must not replace the reason the call was refused
+                log.exception("tokenguard: could not record a blocked %s call", endpoint.name)
             raise UnpricedModelError(adapter.vendor, call.model)
         return call
 
@@ -111,12 +114,14 @@ class Pipeline:
     def observe(self, call: Call, response: httpx2.Response, *, is_async: bool) -> None:
         """Account for one successful HTTP response: now if its body is read, else as it streams."""
         try:
+            meta = _ResponseMeta.of(response)
             if response.is_stream_consumed:
-                self._settle_body(call, response, response.content, error=None, raw=False)
+                self._settle_body(call, meta, response.content, error=None, raw=False)
             else:
+                # the callback must not hold the response: the tap's finalizer would keep it alive
                 install_tap(
                     response,
-                    lambda body, error: self._settle_body(call, response, body, error=error, raw=True),
+                    lambda body, error: self._settle_body(call, meta, body, error=error, raw=True),
                     is_async=is_async,
                 )
         except Exception:
@@ -128,7 +133,9 @@ class Pipeline:
             return
         try:
             name = type(exc).__name__
-            if any(marker in name for marker in _MAYBE_BILLED):
+            cause = exc.__cause__
+            never_arrived = isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout)
+            if not never_arrived and any(marker in name for marker in _MAYBE_BILLED):
                 # the request reached the vendor; charge the input we know it read
                 usage = Usage(input_tokens=self._estimate_input(call))
                 self._record(
@@ -149,14 +156,16 @@ class Pipeline:
     def _settle_body(
         self,
         call: Call,
-        response: httpx2.Response,
+        meta: _ResponseMeta,
         body: bytes,
         *,
         error: str | None,
         raw: bool,
     ) -> None:
         try:
-            seen = self._read(call, response, _decoded(response, body) if raw else body, want_text=False)
+            if raw:
+                body = _decoded(meta.content_encoding, body)
+            seen = self._read(call, meta, body, want_text=False)
             if error is not None:
                 seen.error = error
             # a terminal event marks the end even if the caller closed before reading the final bytes
@@ -166,10 +175,10 @@ class Pipeline:
                 usage = seen.usage
             else:
                 # the usage is missing or partial: read again, this time keeping the output text
-                seen = self._read(call, response, _decoded(response, body) if raw else body, want_text=True)
+                seen = self._read(call, meta, body, want_text=True)
                 if error is not None:
                     seen.error = error
-                usage = self._estimate(call, seen)
+                usage = self._estimate(call, seen, started=bool(body))
             outcome: Outcome
             if seen.error is not None:
                 outcome = "error"
@@ -179,7 +188,6 @@ class Pipeline:
                 outcome = "incomplete"
             model = seen.model or call.model
             cost = self._price(call, model, usage, seen.price_context)
-            request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
             self._record(
                 call,
                 usage,
@@ -188,13 +196,15 @@ class Pipeline:
                 error=seen.error,
                 estimated=not exact,
                 model=model,
-                request_id=request_id,
+                request_id=meta.request_id,
             )
+            if cost is None:
+                self._warn_unpriced(call.adapter.vendor, model)
         except Exception:
             log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
 
-    def _read(self, call: Call, response: httpx2.Response, body: bytes, *, want_text: bool) -> Observed:
-        if "text/event-stream" in response.headers.get("content-type", ""):
+    def _read(self, call: Call, meta: _ResponseMeta, body: bytes, *, want_text: bool) -> Observed:
+        if "text/event-stream" in meta.content_type:
             return call.adapter.from_events(call.endpoint, list(iter_sse(body)), want_text=want_text)
         try:
             data = json.loads(body)
@@ -208,10 +218,15 @@ class Pipeline:
         texts, messages = call.adapter.input_texts(call.endpoint, call.body)
         return count_messages_tokens(texts, call.model, messages=messages)
 
-    def _estimate(self, call: Call, seen: Observed) -> Usage:
-        """Usage for a response that reported none, or only part: count what arrived."""
+    def _estimate(self, call: Call, seen: Observed, *, started: bool = False) -> Usage:
+        """Usage for a response that reported none, or only part: count what arrived.
+
+        ``started``: the server began answering, so it has generated (and bills) at least
+        one output token even if no text arrived yet.
+        """
         reported = seen.usage or Usage()
-        output = max(reported.output_tokens, count_tokens("".join(seen.text_parts), seen.model or call.model))
+        counted = count_tokens("".join(seen.text_parts), seen.model or call.model)
+        output = max(reported.output_tokens, counted, 1 if started and not seen.finished else 0)
         input_tokens = reported.input_tokens or self._estimate_input(call)
         return Usage(
             input_tokens=input_tokens,
@@ -227,20 +242,21 @@ class Pipeline:
         cost = self.prices.cost(vendor, model, usage, context)
         if cost is None and model != call.model:
             cost = self.prices.cost(vendor, call.model, usage, context)
-        if cost is None:
-            key = (vendor, model)
-            with _warned_lock:
-                first = key not in _warned_unpriced
-                _warned_unpriced.add(key)
-            if first:
-                warnings.warn(
-                    f"tokenguard: no price is known for {vendor} model {model!r}; its calls are recorded "
-                    f"unpriced. Register one with tokenguard.register_price({model!r}, input_mtok=..., "
-                    "output_mtok=...)",
-                    UnpricedModelWarning,
-                    stacklevel=2,
-                )
         return cost
+
+    def _warn_unpriced(self, vendor: str, model: str) -> None:
+        """Warn once per process and model (after the row is safely recorded)."""
+        key = (vendor, model)
+        with _warned_lock:
+            if key in _warned_unpriced:
+                return
+            _warned_unpriced.add(key)
+        warnings.warn(
+            f"tokenguard: no price is known for {vendor} model {model!r}; its calls are recorded "
+            f"unpriced. Register one with tokenguard.register_price({model!r}, input_mtok=..., output_mtok=...)",
+            UnpricedModelWarning,
+            stacklevel=2,
+        )
 
     def _record(
         self,
@@ -300,9 +316,26 @@ class Pipeline:
         return len(self._unsaved)
 
 
-def _decoded(response: httpx2.Response, body: bytes) -> bytes:
+@dataclass(frozen=True, slots=True)
+class _ResponseMeta:
+    """What settling needs from a response's headers (the response itself is not kept)."""
+
+    content_type: str
+    content_encoding: str
+    request_id: str | None
+
+    @classmethod
+    def of(cls, response: httpx2.Response) -> _ResponseMeta:
+        headers = response.headers
+        return cls(
+            headers.get("content-type", ""),
+            headers.get("content-encoding", "identity").strip().lower(),
+            headers.get("x-request-id") or headers.get("request-id"),
+        )
+
+
+def _decoded(encoding: str, body: bytes) -> bytes:
     """The raw body with any content-encoding (gzip, br ...) undone, as httpx2 does for the caller."""
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     try:

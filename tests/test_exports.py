@@ -1,0 +1,99 @@
+"""The package's public namespace: what ``__all__`` lists, and that everything public is documented."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+
+import tokenguard
+
+
+def _public_members() -> dict[str, object]:
+    return {
+        name: value
+        for name, value in vars(tokenguard).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def test_all_is_sorted() -> None:
+    """tokenguard.__all__ is sorted and has no duplicates."""
+    assert tokenguard.__all__ == sorted(tokenguard.__all__)
+    assert len(set(tokenguard.__all__)) == len(tokenguard.__all__)
+
+
+def test_every_name_in_all_exists() -> None:
+    """Every name in __all__ is an attribute of the package."""
+    missing = [name for name in tokenguard.__all__ if not hasattr(tokenguard, name)]
+    assert missing == []
+
+
+def test_every_public_class_and_function_is_exported() -> None:
+    """Every public class or function in the package namespace is listed in __all__ (modules excepted)."""
+    public = {
+        name
+        for name, value in _public_members().items()
+        if inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value)
+    }
+    assert public  # the check below is not vacuous
+    assert sorted(public - set(tokenguard.__all__)) == []
+
+
+def test_all_lists_only_public_members_or_the_version() -> None:
+    """__all__ holds the public namespace exactly, plus __version__."""
+    assert set(tokenguard.__all__) == set(_public_members()) | {"__version__"}
+
+
+def test_version_is_a_string() -> None:
+    """tokenguard.__version__ is a non-empty string."""
+    assert isinstance(tokenguard.__version__, str)
+    assert tokenguard.__version__
+
+
+EXPORTED = [name for name in tokenguard.__all__ if name != "__version__"]
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_every_exported_object_has_a_docstring(name: str) -> None:
+    """Every exported class and function has a docstring of its own."""
+    obj = getattr(tokenguard, name)
+    doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
+    assert doc, f"tokenguard.{name} has no docstring"
+    assert doc.strip()
+
+
+def _own_public_attributes(cls: type) -> list[tuple[str, object]]:
+    """Public methods and properties that tokenguard itself defines on ``cls`` or its tokenguard bases."""
+    found: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith("tokenguard"):
+            continue
+        for attr, value in vars(klass).items():
+            if attr.startswith("_"):
+                continue
+            if inspect.isfunction(value) or isinstance(value, property | classmethod | staticmethod):
+                found[attr] = value
+    return sorted(found.items())
+
+
+CLASSES = [name for name in EXPORTED if inspect.isclass(getattr(tokenguard, name))]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_public_methods_of_exported_classes_have_docstrings(name: str) -> None:
+    """Every public method and property tokenguard defines on an exported class has a docstring."""
+    cls = getattr(tokenguard, name)
+    undocumented = [
+        attr
+        for attr, value in _own_public_attributes(cls)
+        if not (getattr(value, "__func__", value).__doc__ or "").strip()
+    ]
+    assert undocumented == []
+
+
+def test_the_package_has_a_docstring() -> None:
+    """The tokenguard package itself has a docstring."""
+    assert tokenguard.__doc__
+    assert tokenguard.__doc__.strip()
