@@ -154,9 +154,7 @@ def test_disconnected_stream_is_charged_and_error_passes_through(llmock: Any, gu
     llmock.disconnect(after_chunks=3)
     received = []
     with pytest.raises(Exception) as info:  # noqa: PT011 - the class is the SDK's choice; checked below
-        received.extend(
-            oai(llmock, guard).chat.completions.create(model="gpt-4o-mini", messages=PROMPT, stream=True)
-        )
+        received.extend(oai(llmock, guard).chat.completions.create(model="gpt-4o-mini", messages=PROMPT, stream=True))
     assert not isinstance(info.value, tokenguard.TokenguardError)
     row = only_row(guard)
     assert row.outcome == "error"

@@ -6,6 +6,7 @@ the exact token with genai-prices, attributed to a ``tokenguard.scope()`` and re
 in a local ledger.
 """
 
+from ._budget import Alert, Budget, BudgetStatus, SpendRate, WebhookAlerts, log_alert
 from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
 from ._errors import (
     BudgetExceeded,
@@ -26,17 +27,21 @@ from ._usage import Usage
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
     "Anthropic",
     "AsyncAnthropic",
     "AsyncAzureOpenAI",
     "AsyncOpenAI",
     "AzureOpenAI",
+    "Budget",
     "BudgetExceeded",
+    "BudgetStatus",
     "ConfigurationError",
     "Guard",
     "LedgerRow",
     "LoopDetected",
     "OpenAI",
+    "SpendRate",
     "Stats",
     "Store",
     "StoreUnavailable",
@@ -45,9 +50,11 @@ __all__ = [
     "UnpricedModelError",
     "UnpricedModelWarning",
     "Usage",
+    "WebhookAlerts",
     "__version__",
     "current_scope",
     "default_guard",
+    "log_alert",
     "register_price",
     "scope",
     "set_default_guard",

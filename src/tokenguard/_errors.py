@@ -20,6 +20,7 @@ the vendor SDKs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -71,26 +72,50 @@ class UnpricedModelError(TokenguardError, LookupError):
 
 
 class BudgetExceeded(TokenguardError):
-    """A budget could not reserve the call's worst-case cost; nothing was sent."""
+    """A budget could not reserve the call's worst-case cost; nothing was sent.
+
+    ``spent_usd`` is what the budget has settled this period, ``needed_usd`` the call's
+    worst case, ``limit_usd`` the cap (for a token-only budget these three are token
+    counts, and ``unit`` is ``"tokens"``). ``held_usd`` is held by calls still in flight;
+    ``resets_at`` is when the period ends (``None`` for ``"total"``).
+    """
 
     def __init__(
         self,
         *,
-        budget: object,
+        budget: Any,
         scope: Mapping[str, str],
         spent_usd: Decimal,
         limit_usd: Decimal,
         needed_usd: Decimal,
+        held_usd: Decimal = Decimal(0),
+        resets_at: datetime | None = None,
+        unit: str = "USD",
     ) -> None:
         self.budget = budget
         self.scope = dict(scope)
         self.spent_usd = spent_usd
         self.limit_usd = limit_usd
         self.needed_usd = needed_usd
+        self.held_usd = held_usd
+        self.resets_at = resets_at
+        self.unit = unit
+        left = _plain(max(limit_usd - spent_usd - held_usd, Decimal(0)))
+        name = budget.describe() if hasattr(budget, "describe") else repr(budget)
+        who = f" for {', '.join(f'{k}={v}' for k, v in self.scope.items())}" if self.scope else ""
+        resets = f"resets at {resets_at:%Y-%m-%d %H:%M} UTC" if resets_at else "never resets (period 'total')"
+        held = f" (+{_plain(held_usd)} held by calls in flight)" if held_usd else ""
         super().__init__(
-            f"budget {budget!r} exceeded for scope {self.scope}: spent ${spent_usd} of ${limit_usd}, "
-            f"this call needs up to ${needed_usd}; nothing was sent"
+            f"budget {name}{who} exceeded: {_plain(spent_usd)} {unit} spent{held} of {_plain(limit_usd)}, "
+            f"{left} left; this call could cost up to {_plain(needed_usd)} {unit}. Nothing was sent; "
+            f"the budget {resets}."
         )
+
+
+def _plain(amount: Decimal) -> str:
+    """A Decimal without exponent or trailing zeros: 0.0100 -> 0.01, 0E-8 -> 0."""
+    text = format(amount.normalize(), "f")
+    return text
 
 
 class LoopDetected(TokenguardError):

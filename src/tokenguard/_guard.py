@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
+from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
 from ._errors import ConfigurationError
 from ._ledger import Stats, Store
 from ._periods import period_start
@@ -33,11 +34,20 @@ class Guard:
     """Accounting and protection for every call made through the clients that use it.
 
     Args:
-        store: where the ledger lives: ``"sqlite:///relative.db"``, ``"sqlite:////abs/path.db"``,
-            ``"memory://"``, a ``Store`` object, or ``None`` for ``TOKENGUARD_STORE`` and then
-            the default SQLite file in the user data directory.
+        store: where the ledger (and the budgets' spend) lives: ``"sqlite:///relative.db"``,
+            ``"sqlite:////abs/path.db"``, ``"memory://"``, a ``Store`` object, or ``None`` for
+            ``TOKENGUARD_STORE`` and then the default SQLite file in the user data directory.
+        budgets: ``Budget`` and ``SpendRate`` caps; a call is sent only if every one that
+            applies can reserve its worst-case cost (see docs/budgets.md).
+        on_alert: a callable (or several) receiving each ``Alert``; default: log a warning.
+            ``tokenguard.WebhookAlerts(url)`` posts them to a webhook.
         require_prices: refuse (before sending) calls to models with no known price,
-            instead of recording them unpriced with a warning.
+            instead of recording them unpriced with a warning. Always on for calls under a
+            USD budget.
+        budget_hold_s: how long a reservation outlives a process that died holding it
+            (holds of dead processes on this host are reclaimed at once when a cap is hit).
+        default_max_output_tokens: the output bound for a request that sets no
+            ``max_tokens`` when the model's context window is unknown either.
         clock: returns the current UTC time; injectable for tests.
     """
 
@@ -45,20 +55,48 @@ class Guard:
         self,
         *,
         store: str | os.PathLike[str] | Store | None = None,
+        budgets: Iterable[Budget | SpendRate] = (),
+        on_alert: Callable[[Alert], object] | Sequence[Callable[[Alert], object]] | None = None,
         require_prices: bool = False,
+        budget_hold_s: float = 900.0,
+        default_max_output_tokens: int = 32_768,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not isinstance(require_prices, bool):
             raise ConfigurationError("require_prices", require_prices, "must be True or False")
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock", clock, "must be a callable returning a UTC datetime")
+        if isinstance(budget_hold_s, bool) or not isinstance(budget_hold_s, int | float) or budget_hold_s <= 0:
+            raise ConfigurationError("budget_hold_s", budget_hold_s, "must be a positive number of seconds")
+        if (
+            isinstance(default_max_output_tokens, bool)
+            or not isinstance(default_max_output_tokens, int)
+            or default_max_output_tokens <= 0
+        ):
+            raise ConfigurationError("default_max_output_tokens", default_max_output_tokens, "must be a positive int")
+        if isinstance(budgets, Budget | SpendRate):
+            budgets = [budgets]
         if store is None:
             store = os.environ.get("TOKENGUARD_STORE") or None
         self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self._store = open_store(store)
+        book = None
+        budget_list = list(budgets)
+        if budget_list:
+            if not isinstance(self._store, BudgetStore):
+                raise ConfigurationError("store", self._store, "this store cannot hold budgets")
+            book = BudgetBook(
+                budget_list, store=self._store, on_alert=on_alert, clock=self._clock, hold_s=float(budget_hold_s)
+            )
+        self._budgets = book
         self._prices = PriceBook(clock=lambda: self._clock().timestamp())
         self._pipeline = Pipeline(
-            store=self._store, prices=self._prices, require_prices=require_prices, wall_clock=self._clock
+            store=self._store,
+            prices=self._prices,
+            require_prices=require_prices,
+            budgets=book,
+            default_max_output_tokens=default_max_output_tokens,
+            wall_clock=self._clock,
         )
         self.require_prices = require_prices
 
@@ -84,6 +122,18 @@ class Guard:
     def stats(self, **scope: str | int) -> Stats:
         """Totals over every recorded call matching ``scope`` (all time)."""
         return self._store.stats(since=None, scope=validate_scope(scope))
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        """The budgets this guard enforces (a ``SpendRate`` appears as its per-minute ``Budget``)."""
+        return self._budgets.budgets if self._budgets is not None else ()
+
+    def budget_status(self, **scope: str | int) -> list[BudgetStatus]:
+        """Where each budget stands in its current period for ``scope``
+        (``guard.budget_status(user="alice")``; a ``per=`` budget reports the key ``scope`` gives)."""
+        if self._budgets is None:
+            return []
+        return self._budgets.status(validate_scope(scope))
 
     def register_price(
         self,

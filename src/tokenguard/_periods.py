@@ -11,7 +11,7 @@ from typing import Final, Literal, get_args
 
 from ._errors import ConfigurationError
 
-__all__ = ["PERIODS", "Period", "period_start"]
+__all__ = ["PERIODS", "Period", "period_end", "period_start"]
 
 Period = Literal["minute", "hour", "day", "week", "month", "total"]
 PERIODS: Final[tuple[str, ...]] = get_args(Period)
@@ -37,3 +37,19 @@ def period_start(period: str, now: datetime) -> datetime | None:
     if period == "week":
         return day - timedelta(days=day.weekday())
     return day.replace(day=1)
+
+
+def period_end(period: str, now: datetime) -> datetime | None:
+    """When the ``period`` containing ``now`` ends (the next one starts); ``None`` for ``"total"``."""
+    start = period_start(period, now)
+    if start is None:
+        return None
+    if period == "minute":
+        return start + timedelta(minutes=1)
+    if period == "hour":
+        return start + timedelta(hours=1)
+    if period == "day":
+        return start + timedelta(days=1)
+    if period == "week":
+        return start + timedelta(weeks=1)
+    return (start + timedelta(days=32)).replace(day=1)

@@ -23,15 +23,17 @@ from typing import Any
 
 import httpx2
 
-from ._errors import StoreUnavailable, UnpricedModelError, UnpricedModelWarning
+from ._budget import BudgetBook, Hold
+from ._errors import BudgetExceeded, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
 from ._ledger import LedgerRow, Outcome, Store
 from ._observe import install_tap
-from ._pricing import PriceBook
+from ._pricing import PriceBook, RateCard
 from ._scope import current_scope
 from ._sse import iter_sse
-from ._tokens import count_messages_tokens, count_tokens
+from ._tokens import count_messages_tokens, count_tokens, tiktoken_encoding
 from ._usage import Usage
 from .providers import Adapter, Endpoint, Observed
+from .providers._base import IMAGE_TOKENS, bound_of, media_parts
 
 __all__ = ["Call", "Pipeline"]
 
@@ -58,6 +60,7 @@ class Call:
     started: float
     attempts: int = 1
     settled: int = field(default=0)
+    hold: Hold | None = None
 
 
 class Pipeline:
@@ -69,11 +72,15 @@ class Pipeline:
         store: Store,
         prices: PriceBook,
         require_prices: bool,
+        budgets: BudgetBook | None = None,
+        default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.prices = prices
         self.require_prices = require_prices
+        self.budgets = budgets if budgets else None
+        self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
         self._unsaved_lock = threading.Lock()
@@ -101,13 +108,49 @@ class Pipeline:
             ts=self._now(),
             started=time.perf_counter(),
         )
-        if self.require_prices and self.prices.card(adapter.vendor, call.model) is None:
-            try:
-                self._record(call, Usage(), None, outcome="blocked", error="unpriced", estimated=False)
-            except Exception:  # a broken store must not replace the reason the call was refused
-                log.exception("tokenguard: could not record a blocked %s call", endpoint.name)
+        budgets = self.budgets
+        if not self.require_prices and budgets is None:
+            return call
+        card = self.prices.card(adapter.vendor, call.model)
+        if card is None and (self.require_prices or (budgets is not None and budgets.has_usd)):
+            # fail closed: a USD cap cannot be kept on a call whose price is unknown
+            self._block(call, "unpriced")
             raise UnpricedModelError(adapter.vendor, call.model)
+        if budgets is not None:
+            usd, tokens = self._worst_case(call, card, adapter.input_bound(endpoint, body))
+            try:
+                call.hold = budgets.admit(
+                    call.scope, usd, tokens, retry_with=lambda: self._tighter_worst_case(call, card)
+                )
+            except BudgetExceeded:
+                self._block(call, "budget")
+                raise
         return call
+
+    def _block(self, call: Call, reason: str) -> None:
+        try:
+            self._record(call, Usage(), None, outcome="blocked", error=reason, estimated=False)
+        except Exception:  # a broken store must not replace the reason the call was refused
+            log.exception("tokenguard: could not record a blocked %s call", call.endpoint.name)
+
+    def _worst_case(self, call: Call, card: RateCard | None, input_tokens: int) -> tuple[Decimal, int]:
+        """The most this call can cost: (USD, input + output tokens)."""
+        output = call.adapter.output_bound(call.endpoint, call.body)
+        if output is None:
+            output = (card.context_window if card else None) or self.default_max_output_tokens
+        usd = card.worst_case(input_tokens, output) if card is not None else Decimal(0)
+        return usd, input_tokens + output
+
+    def _tighter_worst_case(self, call: Call, card: RateCard | None) -> tuple[Decimal, int] | None:
+        """With a local tokenizer, the worst case from an exact count of the text (budget nearly spent)."""
+        if tiktoken_encoding(call.model) is None:
+            return None
+        texts, messages = call.adapter.input_texts(call.endpoint, call.body)
+        exact = count_messages_tokens(texts, call.model, messages=messages)
+        # framing the count leaves out (tool schemas, response formats, media) stays bounded by bytes
+        rest = {k: v for k, v in call.body.items() if k in ("tools", "response_format", "text", "output_config")}
+        bound = exact + messages + (bound_of(rest, 0) if rest else 0) + IMAGE_TOKENS * media_parts(call.body)
+        return self._worst_case(call, card, bound)
 
     # -- observe -----------------------------------------------------------------------------
 
@@ -271,6 +314,11 @@ class Pipeline:
         request_id: str | None = None,
     ) -> None:
         call.settled += 1
+        if self.budgets is not None and outcome != "blocked":
+            try:
+                self.budgets.settle(call.hold, call.scope, usage, cost)
+            except Exception:  # the hold expires on its own; the call's answer must not be lost
+                log.exception("tokenguard: could not settle the budgets of a %s call", call.endpoint.name)
         row = LedgerRow(
             ts=call.ts,
             vendor=call.adapter.vendor,

@@ -68,6 +68,21 @@ class RateCard:
     rates: tuple[Decimal, ...]
     tier_start: int | None
     exact_linear: bool
+    context_window: int | None = None
+
+    def worst_case(self, input_tokens: int, output_tokens: int) -> Decimal:
+        """The most ``input_tokens`` in and ``output_tokens`` out can cost: every input token
+        billed at the dearest input rate (a one-hour cache write, where that costs more)."""
+        plain = self.cost(Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+        as_cache_write = self.cost(
+            Usage(
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_write_tokens=input_tokens,
+                cache_write_1h_tokens=input_tokens,
+            )
+        )
+        return max(plain, as_cache_write)
 
     def cost(self, usage: Usage) -> Decimal:
         """USD cost of ``usage`` (exact)."""
@@ -84,7 +99,7 @@ class RateCard:
         )
 
     @classmethod
-    def build(cls, model_id: str, price: ModelPrice) -> RateCard:
+    def build(cls, model_id: str, price: ModelPrice, context_window: int | None = None) -> RateCard:
         """Measure the per-token rates of ``price`` with genai-prices and check them once."""
 
         def total(**counts: int) -> Decimal:
@@ -94,7 +109,7 @@ class RateCard:
         tier_start = _lowest_tier_start(price)
         if tier_start is not None and tier_start <= 3 * p:
             # too low a boundary to probe under; genai-prices prices every call
-            return cls(model_id, price, (Decimal(0),) * 6, tier_start, exact_linear=False)
+            return cls(model_id, price, (Decimal(0),) * 6, tier_start, False, context_window)
         r_in = total(input_tokens=p) / p
         r_out = total(output_tokens=p) / p
         with_write = total(input_tokens=p, cache_write_tokens=p)
@@ -106,7 +121,7 @@ class RateCard:
             (total(input_tokens=p, cache_write_tokens=p, cache_write_1h_tokens=p) - with_write) / p,
             (total(output_tokens=p, output_reasoning_tokens=p) / p) - r_out,
         )
-        card = cls(model_id, price, rates, tier_start, exact_linear=True)
+        card = cls(model_id, price, rates, tier_start, True, context_window)
         check = Usage(
             input_tokens=1789,
             output_tokens=613,
@@ -116,7 +131,7 @@ class RateCard:
             reasoning_tokens=211,
         )
         if card.cost(check) != Decimal(price.calc_price(genai_usage(check))["total_price"]):
-            return cls(model_id, price, rates, tier_start, exact_linear=False)
+            return cls(model_id, price, rates, tier_start, False, context_window)
         return card
 
 
@@ -126,6 +141,8 @@ def _lowest_tier_start(price: ModelPrice) -> int | None:
 
 
 def _decimal(setting: str, value: object) -> Decimal:
+    if isinstance(value, bool):
+        raise ConfigurationError(setting, value, "must be a USD price per million tokens, not a bool")
     if isinstance(value, float):
         raise ConfigurationError(setting, value, "give prices as str or Decimal, not float, to keep them exact")
     try:
@@ -253,12 +270,15 @@ class PriceBook:
                 return RateCard.build(model, custom)
         provider_id = _PROVIDER_IDS.get(vendor, vendor)
         try:
-            _, info = get_snapshot().find_provider_model(ref, None, provider_id, None)
+            provider, info = get_snapshot().find_provider_model(ref, None, provider_id, None)
         except LookupError:
             return None
         when = datetime.fromtimestamp(at, tz=UTC)
-        price = info.get_prices(when, context or None)
-        return RateCard.build(info.id, price)
+        # as genai-prices does: a model borrowed from another provider (Azure's gpt-4o is
+        # OpenAI's) takes no price variants (tier, batch) from the borrowing provider
+        own = any(info is m for m in provider.models)
+        price = info.get_prices(when, (context or None) if own else None)
+        return RateCard.build(info.id, price, info.context_window)
 
 
 def price_context_of(**values: Any) -> dict[str, str]:

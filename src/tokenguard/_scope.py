@@ -37,11 +37,14 @@ def validate_scope(attrs: Mapping[str, object], *, setting: str = "scope") -> di
     """
     out: dict[str, str] = {}
     for name, value in attrs.items():
-        if not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigurationError(f"{setting}.{name}", value, "attribute names must be identifiers")
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise ConfigurationError(f"{setting}.{name}", value, "values must be str or int")
-        text = str(value)
+        try:
+            text = str(value)
+        except ValueError:  # an int too large to print
+            text = "x" * (_MAX_VALUE_LEN + 1)
         if len(text) > _MAX_VALUE_LEN:
             raise ConfigurationError(f"{setting}.{name}", text[:40] + "...", "values are at most 512 characters")
         out[name] = text

@@ -6,18 +6,22 @@ is still returned, since its data did reach the caller.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from .providers._base import SSEEvent
 
 __all__ = ["iter_sse"]
 
+_LINES = re.compile(r"\r\n|\r|\n")
+
 
 def iter_sse(body: bytes) -> Iterator[SSEEvent]:
     """Yield ``(event_name, data)`` for each event in ``body``."""
     name: str | None = None
     data: list[str] = []
-    for raw in body.decode("utf-8", "replace").splitlines():
+    # only CR, LF and CRLF end lines (str.splitlines() would also split at U+2028 inside JSON)
+    for raw in _LINES.split(body.decode("utf-8", "replace")):
         if not raw:
             if data:
                 yield name, "\n".join(data)

@@ -58,7 +58,7 @@ class Usage:
 
     def __radd__(self, other: object) -> Usage:
         # lets sum() start from its default 0
-        if other == 0:
+        if type(other) is int and other == 0:
             return self
         return NotImplemented
 

@@ -9,6 +9,7 @@ means adding one adapter module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +58,12 @@ class Adapter(Protocol):
 
     def input_texts(self, endpoint: Endpoint, body: Mapping[str, Any]) -> tuple[list[str], int]:
         """The input's texts and how many chat messages frame them (for estimates)."""
+
+    def input_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int:
+        """An upper bound on the input tokens the vendor can bill for this request (see ``bound_of``)."""
+
+    def output_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int | None:
+        """The most output tokens the request allows (its ``max_tokens`` ..., times ``n``), or ``None``."""
 
     def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
         """What a complete JSON response body reports."""
@@ -123,3 +130,38 @@ def gather_texts(value: Any, out: list[str] | None = None) -> list[str]:
             for item in value:
                 gather_texts(item, out)
     return out
+
+
+IMAGE_TOKENS = 6_000
+"""Input tokens reserved per image or file part: a URL costs a few bytes but the vendor bills
+the picture (OpenAI high detail and Claude images stay under ~2,000 tokens today; PDFs by page
+can be more — see docs/budgets.md)."""
+
+_MEDIA_TYPES = frozenset({"image_url", "image", "input_image", "document", "file", "input_file", "input_audio"})
+
+
+def bound_of(payload: Any, messages: int) -> int:
+    """An upper bound on the tokens of ``payload`` as the vendor bills it.
+
+    Byte-level BPE tokenizers never produce more tokens than the UTF-8 bytes they encode,
+    and the JSON text of the payload contains every byte the model reads (plus quotes and
+    keys); each chat message adds its framing tokens, and each image or file part a fixed
+    allowance, since a URL's bytes say nothing about the picture's tokens.
+    """
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(text.encode()) + 4 * messages + 3 + IMAGE_TOKENS * media_parts(payload)
+
+
+def media_parts(value: Any) -> int:
+    """How many image / file / audio parts ``value`` holds."""
+    if isinstance(value, dict):
+        own = 1 if value.get("type") in _MEDIA_TYPES else 0
+        return own + sum(media_parts(v) for v in value.values() if isinstance(v, dict | list))
+    if isinstance(value, list):
+        return sum(media_parts(v) for v in value if isinstance(v, dict | list))
+    return 0
+
+
+def positive_int(value: Any) -> int | None:
+    """``value`` if it is a positive int, else ``None``."""
+    return value if type(value) is int and value > 0 else None

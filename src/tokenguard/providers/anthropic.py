@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at
+from ._base import Endpoint, Observed, SSEEvent, bound_of, dig, gather_texts, int_at, positive_int
 
 __all__ = ["AnthropicAdapter"]
 
@@ -90,6 +90,16 @@ class AnthropicAdapter:
         gather_texts(messages, texts)
         gather_texts(body.get("tools"), texts)
         return texts, len(messages) if isinstance(messages, list) else 1
+
+    def input_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int:
+        """Bytes of the system prompt, messages and tools, plus framing and media allowances."""
+        messages = body.get("messages") or []
+        payload = [body.get("system"), messages, body.get("tools"), body.get("output_config")]
+        return bound_of(payload, len(messages) if isinstance(messages, list) else 1)
+
+    def output_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int | None:
+        """``max_tokens`` (required by the API)."""
+        return positive_int(body.get("max_tokens"))
 
     def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
         """Usage of a non-streamed message."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, dig, gather_texts, int_at
+from ._base import Endpoint, Observed, SSEEvent, bound_of, dig, gather_texts, int_at, positive_int
 
 __all__ = ["OpenAIAdapter"]
 
@@ -104,6 +104,36 @@ class OpenAIAdapter:
         if endpoint is EMBEDDINGS:
             return gather_texts(body.get("input")), 0
         return gather_texts(body.get("prompt")), 0
+
+    def input_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int:
+        """Bytes of everything the model reads, plus framing and media allowances."""
+        if endpoint is CHAT:
+            messages = body.get("messages") or []
+            payload: Any = [messages, body.get("tools"), body.get("response_format")]
+            return bound_of(payload, len(messages) if isinstance(messages, list) else 1)
+        if endpoint is RESPONSES:
+            items = body.get("input")
+            payload = [body.get("instructions"), items, body.get("tools"), body.get("text")]
+            return bound_of(payload, len(items) if isinstance(items, list) else 1)
+        key = "input" if endpoint is EMBEDDINGS else "prompt"
+        value = body.get(key)
+        if isinstance(value, list) and value and all(type(v) is int for v in value):
+            return len(value)  # already tokens
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return sum(len(v) if all(type(t) is int for t in v) else bound_of(v, 0) for v in value)
+        return bound_of(value, 0)
+
+    def output_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int | None:
+        """``max_completion_tokens`` / ``max_tokens`` / ``max_output_tokens``, times ``n`` choices."""
+        if endpoint is EMBEDDINGS:
+            return 0
+        if endpoint is RESPONSES:
+            return positive_int(body.get("max_output_tokens"))
+        limit = positive_int(body.get("max_completion_tokens")) or positive_int(body.get("max_tokens"))
+        if endpoint is COMPLETIONS and limit is None:
+            limit = 16  # the legacy endpoint's documented default
+        choices = max(positive_int(body.get("n")) or 1, positive_int(body.get("best_of")) or 1)
+        return None if limit is None else limit * choices
 
     def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
         """Usage of a non-streamed response."""

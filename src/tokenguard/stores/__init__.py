@@ -52,10 +52,12 @@ def open_store(store: str | os.PathLike[str] | Store | None) -> Store:
 
 
 def _redact(url: str) -> str:
-    """The URL with any password replaced, fit for an error message."""
+    """The URL fit for an error message: any password replaced, any query string dropped."""
+    url, query_sep, _ = url.partition("?")
+    suffix = "?***" if query_sep else ""
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
-        return url
+        return url + suffix
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}"
+    return (f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}") + suffix

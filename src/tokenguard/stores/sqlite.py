@@ -24,13 +24,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from .._budget import Claim, Fired, Refusal, Totals, crossed, fits
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ledger import LedgerRow, Stats
 from .._usage import Usage
@@ -40,7 +41,7 @@ __all__ = ["SQLiteStore", "money_text"]
 log = logging.getLogger("tokenguard")
 _MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
 
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
@@ -66,6 +67,31 @@ CREATE TABLE IF NOT EXISTS calls (
     request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
+CREATE TABLE IF NOT EXISTS budget_spend (
+    key TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    usd TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (key, period_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budget_holds (
+    hold_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    usd TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    PRIMARY KEY (hold_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS budget_holds_key ON budget_holds (key, period_start);
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    key TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    threshold REAL NOT NULL,
+    PRIMARY KEY (key, period_start, threshold)
+) WITHOUT ROWID;
 """
 _COLUMNS: Final = (
     "ts, vendor, endpoint, model, scope, input_tokens, output_tokens, cache_read_tokens, "
@@ -109,18 +135,24 @@ def _values(row: LedgerRow) -> tuple[Any, ...]:
 
 
 def _writer_loop(ref: weakref.ref[SQLiteStore]) -> None:
-    """Commit queued rows in batches until the store is closed or collected."""
+    """Commit queued rows in batches until the store is closed or collected.
+
+    Holds the store only while flushing, so a store dropped without ``close()`` can be
+    collected (its finalizer then writes what was still queued).
+    """
+    store = ref()
+    if store is None:
+        return
+    cond, queue, delay = store._cond, store._queue, store.write_behind_s
+    del store
     while True:
-        store = ref()
-        if store is None:
-            return
-        cond, delay = store._cond, store.write_behind_s
         with cond:
-            while not store._queue and not store._closed:
-                cond.wait()
-            if store._closed and not store._queue:
-                return
-        del store  # hold no strong reference while sleeping
+            while not queue:
+                cond.wait(1.0)
+                alive = ref()
+                if alive is None or alive._closed:
+                    return
+                del alive
         time.sleep(delay)  # let rows gather into one transaction
         store = ref()
         if store is None:
@@ -134,6 +166,24 @@ def _writer_loop(ref: weakref.ref[SQLiteStore]) -> None:
 
 
 _stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _write_leftovers(path: Path, queue: list[LedgerRow]) -> None:
+    """Write the rows a store still had queued when it was dropped without ``close()``."""
+    if not queue:
+        return
+    rows = queue[:]
+    queue.clear()
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, [_values(row) for row in rows])
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        log.error("tokenguard: %d ledger row(s) of a dropped store could not be written: %s", len(rows), err)
 
 
 def _flush_all() -> None:
@@ -172,7 +222,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _DecimalSum:
-    """SQL aggregate ``tg_dsum(text)``: the exact ``Decimal`` sum, returned as text."""
+    """SQL aggregate ``tg_dsum(text)``: the exact ``Decimal`` sum as text (NULL over no rows: coalesce it)."""
 
     def __init__(self) -> None:
         self.total = Decimal(0)
@@ -204,7 +254,8 @@ class SQLiteStore:
     """The ledger in one SQLite file (created, with its directory, on first use)."""
 
     def __init__(self, path: str | os.PathLike[str], *, write_behind_s: float = 0.05) -> None:
-        self.path = Path(path).expanduser()
+        # absolute: a process that forks and changes directory must reopen the same file
+        self.path = Path(path).expanduser().absolute()
         self.url = f"sqlite:///{self.path}"
         if (
             isinstance(write_behind_s, bool)
@@ -215,25 +266,29 @@ class SQLiteStore:
         self.write_behind_s = float(write_behind_s)
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
+        # one list object for the store's life (mutated in place), so the finalizer below
+        # can write what a store dropped without close() still had queued
+        self._queue: list[LedgerRow] = []
         self._reset_after_fork()
         self._connect()
         _stores.add(self)
+        weakref.finalize(self, _write_leftovers, self.path, self._queue)
 
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()  # guards the connection
         self._flush_lock = threading.Lock()  # one batch at a time
         self._cond = threading.Condition()  # guards the queue
-        self._queue: list[LedgerRow] = []
+        self._queue.clear()
         self._writer: threading.Thread | None = None
         self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.exists()
+            # created private from the start (not chmod-ed after): the ledger names users and spend
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            if fresh:
-                os.chmod(self.path, 0o600)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
@@ -246,7 +301,13 @@ class SQLiteStore:
                 conn.executescript(_SCHEMA + f"PRAGMA user_version={_SCHEMA_VERSION};")
             conn.create_aggregate("tg_dsum", 1, _DecimalSum)  # type: ignore[arg-type]  # step/finalize duck-typed
         except (sqlite3.Error, OSError) as err:
+            if conn is not None:
+                conn.close()
             raise StoreUnavailable("store", self.url, f"cannot open the SQLite ledger: {err}") from err
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         self._conn = conn
         self._pid = os.getpid()
         return conn
@@ -279,7 +340,8 @@ class SQLiteStore:
         """Commit every queued row now (raises ``StoreUnavailable`` if that fails; the rows stay queued)."""
         with self._flush_lock:
             with self._cond:
-                batch, self._queue = self._queue, []
+                batch = self._queue[:]
+                self._queue.clear()
             if not batch:
                 return
             try:
@@ -348,17 +410,17 @@ class SQLiteStore:
     def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
         """Settled USD of the matching rows (exact)."""
         where, params = _where(since, None, scope)
-        return Decimal(self._query(f"SELECT tg_dsum(cost_usd) FROM calls{where}", params)[0][0])
+        return Decimal(self._query(f"SELECT coalesce(tg_dsum(cost_usd), '0') FROM calls{where}", params)[0][0])
 
     def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
         """Totals of the matching rows, added up inside SQLite."""
         where, params = _where(since, None, scope)
         sql = f"""SELECT count(*),
-            coalesce(sum(outcome = 'cache_hit'), 0), tg_dsum(saved_usd),
+            coalesce(sum(outcome = 'cache_hit'), 0), coalesce(tg_dsum(saved_usd), '0'),
             coalesce(sum(max(attempts - 1, 0)), 0),
             coalesce(sum(outcome = 'blocked' AND error = 'loop'), 0),
             coalesce(sum(outcome = 'blocked' AND error = 'budget'), 0),
-            coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), tg_dsum(cost_usd),
+            coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), coalesce(tg_dsum(cost_usd), '0'),
             coalesce(sum(outcome = 'error'), 0), coalesce(sum(outcome = 'incomplete'), 0),
             coalesce(sum(estimated), 0),
             coalesce(sum(cost_usd IS NULL AND outcome IN ('ok', 'incomplete')), 0),
@@ -384,6 +446,119 @@ class SQLiteStore:
             cache_write_tokens=r[14],
             reasoning_tokens=r[15],
         )
+
+    # -- budgets: each operation is one IMMEDIATE transaction, so it is atomic across processes --
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        try:
+            with self._lock:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+        except sqlite3.Error as err:
+            raise StoreUnavailable("store", self.url, f"budget bookkeeping failed: {err}") from err
+
+    @staticmethod
+    def _totals_in(conn: sqlite3.Connection, key: str, period: float, now: float) -> Totals:
+        row = conn.execute(
+            "SELECT usd, tokens FROM budget_spend WHERE key = ? AND period_start = ?", (key, period)
+        ).fetchone()
+        held = conn.execute(
+            "SELECT coalesce(tg_dsum(usd), '0'), coalesce(sum(tokens), 0) FROM budget_holds "
+            "WHERE key = ? AND period_start = ? AND expires_at > ?",
+            (key, period, now),
+        ).fetchone()
+        spent_usd, spent_tokens = (Decimal(row[0]), row[1]) if row else (Decimal(0), 0)
+        return Totals(spent_usd, Decimal(held[0]), spent_tokens, held[1])
+
+    def reserve(
+        self, claims: Sequence[Claim], *, hold_id: str, expires_at: float, now: float, owner: tuple[str, int]
+    ) -> Refusal | None:
+        """Hold every enforced claim if all fit, in one transaction."""
+
+        def work(conn: sqlite3.Connection) -> Refusal | None:
+            enforced = [c for c in claims if c.enforce]
+            for claim in enforced:
+                totals = self._totals_in(conn, claim.key, claim.period_start, now)
+                if not fits(claim, totals):
+                    return Refusal(claim, totals)
+            conn.executemany(
+                "INSERT OR REPLACE INTO budget_holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (hold_id, c.key, c.period_start, money_text(c.usd), c.tokens, expires_at, owner[0], owner[1])
+                    for c in enforced
+                ],
+            )
+            return None
+
+        result: Refusal | None = self._transaction(work)
+        return result
+
+    def settle(self, hold_id: str | None, actual: Sequence[Claim], *, now: float) -> list[Fired]:
+        """Drop the hold, add the actual amounts and record thresholds newly crossed, in one transaction."""
+
+        def work(conn: sqlite3.Connection) -> list[Fired]:
+            if hold_id is not None:
+                conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,))
+            fired: list[Fired] = []
+            for claim in actual:
+                row = conn.execute(
+                    "SELECT usd, tokens FROM budget_spend WHERE key = ? AND period_start = ?",
+                    (claim.key, claim.period_start),
+                ).fetchone()
+                usd = (Decimal(row[0]) if row else Decimal(0)) + claim.usd
+                tokens = (row[1] if row else 0) + claim.tokens
+                conn.execute(
+                    "INSERT OR REPLACE INTO budget_spend VALUES (?, ?, ?, ?)",
+                    (claim.key, claim.period_start, money_text(usd), tokens),
+                )
+                for threshold in crossed(claim, usd, tokens):
+                    inserted = conn.execute(
+                        "INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?)",
+                        (claim.key, claim.period_start, threshold),
+                    ).rowcount
+                    if inserted:
+                        fired.append(Fired(claim.key, claim.period_start, threshold, usd, tokens))
+            return fired
+
+        result: list[Fired] = self._transaction(work)
+        return result
+
+    def totals(self, key: str, period_start: float, *, now: float) -> Totals:
+        """Settled and held amounts of one key."""
+        result: Totals = self._transaction(lambda conn: self._totals_in(conn, key, period_start, now))
+        return result
+
+    def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
+        """Record an alert; ``True`` the first time only, across processes."""
+        inserted: int = self._transaction(
+            lambda conn: (
+                conn.execute(
+                    "INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?)", (key, period_start, threshold)
+                ).rowcount
+            )
+        )
+        return inserted > 0
+
+    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
+        """Drop expired holds and holds of processes on ``host`` that no longer exist."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            dropped = conn.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,)).rowcount
+            pids = [r[0] for r in conn.execute("SELECT DISTINCT pid FROM budget_holds WHERE host = ?", (host,))]
+            for pid in pids:
+                if not alive(pid):
+                    dropped += conn.execute("DELETE FROM budget_holds WHERE host = ? AND pid = ?", (host, pid)).rowcount
+            return dropped
+
+        result: int = self._transaction(work)
+        return result
 
     def close(self) -> None:
         """Write queued rows, stop the writer and close this process's connection."""
