@@ -19,12 +19,11 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._errors import BudgetExceeded, ConfigurationError
 from ._periods import PERIODS, period_end, period_start
@@ -42,7 +41,9 @@ __all__ = [
     "SpendRate",
     "Totals",
     "WebhookAlerts",
+    "from_nano",
     "log_alert",
+    "to_nano",
 ]
 
 log = logging.getLogger("tokenguard")
@@ -214,9 +215,11 @@ def log_alert(alert: Alert) -> None:
 # -- the store's side --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One budget's share of a call: hold (or add) ``usd`` and ``tokens`` under ``key`` for the period."""
+class Claim(NamedTuple):
+    """One budget's share of a call: hold (or add) ``usd`` and ``tokens`` under ``key`` for the period.
+
+    (A ``NamedTuple``: built twice per call on the hot path, where a frozen dataclass is slow.)
+    """
 
     key: str
     period_start: float
@@ -228,8 +231,7 @@ class Claim:
     thresholds: tuple[float, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
+class Totals(NamedTuple):
     """Settled and held amounts of one budget key in one period."""
 
     spent_usd: Decimal = Decimal(0)
@@ -259,24 +261,46 @@ class Fired:
 
 @runtime_checkable
 class BudgetStore(Protocol):
-    """The atomic side of budgets; implemented by every store (memory, SQLite, Redis)."""
+    """The atomic side of budgets; implemented by every store (memory, SQLite, Redis).
+
+    Holds are kept per owner process (``(host, pid)``) and key: a reservation adds to the
+    owner's held amount and renews its lease (``expires_at``); a settle takes it off. A
+    process that dies stops renewing, so its holds lapse after the lease, or at once when
+    ``reclaim`` sees (on the same host) that the pid is gone.
+    """
 
     def reserve(
-        self, claims: Sequence[Claim], *, hold_id: str, expires_at: float, now: float, owner: tuple[str, int]
+        self, claims: Sequence[Claim], *, owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:
         """Hold every enforced claim if each fits under its limit, atomically; else hold nothing."""
 
-    def settle(self, hold_id: str | None, actual: Sequence[Claim], *, now: float) -> list[Fired]:
-        """Drop the hold and add the actual amounts; record and return thresholds newly crossed."""
+    def settle(
+        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+    ) -> list[Fired]:
+        """Release ``held`` (if still held), add ``actual``; record and return thresholds newly crossed."""
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
-        """The key's settled and (unexpired) held amounts."""
+        """The key's settled and held amounts."""
 
     def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
         """Record that an alert fired; ``True`` only the first time, across processes."""
 
     def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop expired holds and holds of dead processes on ``host``; return how many."""
+        """Drop the holds of owners whose lease expired or, on ``host``, whose pid is gone; return how many."""
+
+
+_NANO: Final = Decimal("1e-9")
+_ZERO: Final = Decimal(0)
+
+
+def to_nano(usd: Decimal) -> int:
+    """USD as whole nano-dollars, rounded up (budgets never under-count)."""
+    return int((usd / _NANO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def from_nano(nusd: int) -> Decimal:
+    """Whole nano-dollars as USD."""
+    return Decimal(nusd).scaleb(-9)
 
 
 def crossed(claim: Claim, after_usd: Decimal, after_tokens: int) -> list[float]:
@@ -317,7 +341,6 @@ def pid_alive(pid: int) -> bool:
 class Hold:
     """The reservation a call holds until it settles."""
 
-    id: str
     claims: list[tuple[Budget, str | None, Claim]]
     settled: bool = False
 
@@ -372,25 +395,30 @@ class BudgetBook:
     def _claims(
         self, scope: Mapping[str, str], usd: Decimal, tokens: int, now: datetime
     ) -> list[tuple[Budget, str | None, Claim]]:
+        rounded = from_nano(to_nano(usd))  # budgets count whole nano-dollars, rounded up
+        starts: dict[str, float] = {}
         out = []
         for budget in self.budgets:
             value = None
             if budget.per is not None:
                 value = scope.get(budget.per) or NO_VALUE
-            start = period_start(budget.period, now)
+            start = starts.get(budget.period)
+            if start is None:
+                begins = period_start(budget.period, now)
+                start = starts[budget.period] = 0.0 if begins is None else begins.timestamp()
             out.append(
                 (
                     budget,
                     value,
                     Claim(
-                        key=f"{budget.id}|{value or ''}",
-                        period_start=0.0 if start is None else start.timestamp(),
-                        usd=usd if budget.usd is not None else Decimal(0),
-                        tokens=tokens,
-                        limit_usd=budget.usd,
-                        limit_tokens=budget.limit_tokens,
-                        enforce=budget.action == "block",
-                        thresholds=budget.alerts + ((1.0,) if budget.action == "alert" else ()),
+                        f"{budget.id}|{value or ''}",
+                        start,
+                        rounded if budget.usd is not None else _ZERO,
+                        tokens,
+                        budget.usd,
+                        budget.limit_tokens,
+                        budget.action == "block",
+                        budget.alerts + ((1.0,) if budget.action == "alert" else ()),
                     ),
                 )
             )
@@ -411,13 +439,13 @@ class BudgetBook:
         """
         now = self._clock()
         claims = self._claims(scope, usd, tokens, now)
-        hold = Hold(uuid.uuid4().hex, claims)
+        hold = Hold(claims)
         ts = now.timestamp()
         refusal = self._reserve(hold, ts)
         if refusal is not None and retry_with is not None:
             tighter = retry_with()
             if tighter is not None and (tighter[0] < usd or tighter[1] < tokens):
-                hold = Hold(hold.id, self._claims(scope, tighter[0], tighter[1], now))
+                hold = Hold(self._claims(scope, tighter[0], tighter[1], now))
                 refusal = self._reserve(hold, ts)
         if refusal is None:
             return hold
@@ -441,9 +469,9 @@ class BudgetBook:
     def _reserve(self, hold: Hold, ts: float) -> Refusal | None:
         claims = [c for _, _, c in hold.claims]
         owner = (_HOST, os.getpid())
-        refusal = self._store.reserve(claims, hold_id=hold.id, expires_at=ts + self._hold_s, now=ts, owner=owner)
+        refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
         if refusal is not None and self._store.reclaim(now=ts, host=_HOST, alive=pid_alive):
-            refusal = self._store.reserve(claims, hold_id=hold.id, expires_at=ts + self._hold_s, now=ts, owner=owner)
+            refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
         return refusal
 
     def settle(self, hold: Hold | None, scope: Mapping[str, str], usage: Usage, cost: Decimal | None) -> None:
@@ -454,16 +482,16 @@ class BudgetBook:
         if hold is not None and not hold.settled:
             hold.settled = True
             claims = hold.claims
-            hold_id: str | None = hold.id
+            held = [c for _, _, c in claims if c.enforce]
         else:  # a second billed response of the same call: add it, there is no hold left
             claims = self._claims(scope, Decimal(0), 0, self._clock())
-            hold_id = None
+            held = []
+        spent = from_nano(to_nano(cost or _ZERO))
         actual = [
-            (b, v, _replace(c, usd=(cost or Decimal(0)) if c.limit_usd is not None else Decimal(0), tokens=tokens))
-            for b, v, c in claims
+            (b, v, c._replace(usd=spent if c.limit_usd is not None else _ZERO, tokens=tokens)) for b, v, c in claims
         ]
         now = self._clock().timestamp()
-        fired = self._store.settle(hold_id, [c for _, _, c in actual], now=now)
+        fired = self._store.settle(held, [c for _, _, c in actual], owner=(_HOST, os.getpid()), now=now)
         for event in fired:
             for budget, value, claim in actual:
                 if claim.key == event.key and claim.period_start == event.period_start:
@@ -566,12 +594,6 @@ class BudgetStatus:
 
 def _when(ts: float, budget: Budget) -> datetime | None:
     return None if budget.period == "total" else datetime.fromtimestamp(ts, tz=UTC)
-
-
-def _replace(claim: Claim, *, usd: Decimal, tokens: int) -> Claim:
-    return Claim(
-        claim.key, claim.period_start, usd, tokens, claim.limit_usd, claim.limit_tokens, claim.enforce, claim.thresholds
-    )
 
 
 class WebhookAlerts:

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits
 from .._ledger import LedgerRow, Stats, matches_scope
@@ -21,10 +22,9 @@ class MemoryStore:
     def __init__(self) -> None:
         self._rows: list[LedgerRow] = []
         self._lock = threading.Lock()
-        # budgets: settled spend, holds (by key and by hold id) and alerts fired
-        self._spend: dict[tuple[str, float], tuple[Decimal, int]] = {}
-        self._holds: dict[tuple[str, float], dict[str, tuple[Decimal, int, float, tuple[str, int]]]] = {}
-        self._hold_keys: dict[str, list[tuple[str, float]]] = {}
+        # budgets: per key and period [spent, held, spent tokens, held tokens]; holds per owner
+        self._spend: dict[tuple[str, float], list[Any]] = {}
+        self._holders: dict[tuple[str, int, str, float], list[Any]] = {}
         self._alerts: set[tuple[str, float, float]] = set()
 
     def record(self, row: LedgerRow) -> None:
@@ -67,55 +67,64 @@ class MemoryStore:
 
     # -- budgets ------------------------------------------------------------------------------
 
-    def _totals(self, key: str, period: float, now: float) -> Totals:
-        usd, tokens = self._spend.get((key, period), (Decimal(0), 0))
-        held_usd, held_tokens = Decimal(0), 0
-        for h_usd, h_tokens, expires, _ in self._holds.get((key, period), {}).values():
-            if expires > now:
-                held_usd += h_usd
-                held_tokens += h_tokens
-        return Totals(usd, held_usd, tokens, held_tokens)
+    def _counter(self, key: str, period: float) -> list[Any]:
+        return self._spend.setdefault((key, period), [Decimal(0), Decimal(0), 0, 0])
+
+    def _totals(self, key: str, period: float) -> Totals:
+        spent, held, spent_tokens, held_tokens = self._spend.get((key, period), (Decimal(0), Decimal(0), 0, 0))
+        return Totals(spent, held, spent_tokens, held_tokens)
 
     def reserve(
-        self, claims: Sequence[Claim], *, hold_id: str, expires_at: float, now: float, owner: tuple[str, int]
+        self, claims: Sequence[Claim], *, owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:
         """Hold every enforced claim if all fit, atomically."""
         with self._lock:
-            for claim in claims:
-                if claim.enforce:
-                    totals = self._totals(claim.key, claim.period_start, now)
-                    if not fits(claim, totals):
-                        return Refusal(claim, totals)
-            keys = self._hold_keys.setdefault(hold_id, [])
-            for claim in claims:
-                if claim.enforce:
-                    k = (claim.key, claim.period_start)
-                    self._holds.setdefault(k, {})[hold_id] = (claim.usd, claim.tokens, expires_at, owner)
-                    keys.append(k)
+            enforced = [c for c in claims if c.enforce]
+            for claim in enforced:
+                totals = self._totals(claim.key, claim.period_start)
+                if not fits(claim, totals):
+                    return Refusal(claim, totals)
+            for claim in enforced:
+                counter = self._counter(claim.key, claim.period_start)
+                counter[1] += claim.usd
+                counter[3] += claim.tokens
+                holder = self._holders.setdefault((*owner, claim.key, claim.period_start), [Decimal(0), 0, 0.0])
+                holder[0] += claim.usd
+                holder[1] += claim.tokens
+                holder[2] = expires_at
         return None
 
-    def settle(self, hold_id: str | None, actual: Sequence[Claim], *, now: float) -> list[Fired]:
-        """Drop the hold, add the actual amounts, and return thresholds newly crossed."""
+    def settle(
+        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+    ) -> list[Fired]:
+        """Release the hold, add the actual amounts, and return thresholds newly crossed."""
         fired: list[Fired] = []
         with self._lock:
-            for k in self._hold_keys.pop(hold_id, []) if hold_id else []:
-                self._holds.get(k, {}).pop(hold_id, None)  # type: ignore[arg-type]
+            for claim in held:
+                holder = self._holders.get((*owner, claim.key, claim.period_start))
+                if holder is None:
+                    continue  # reclaimed already: its amounts were taken off then
+                holder[0] = max(holder[0] - claim.usd, Decimal(0))
+                holder[1] = max(holder[1] - claim.tokens, 0)
+                counter = self._counter(claim.key, claim.period_start)
+                counter[1] = max(counter[1] - claim.usd, Decimal(0))
+                counter[3] = max(counter[3] - claim.tokens, 0)
             for claim in actual:
-                k = (claim.key, claim.period_start)
-                usd, tokens = self._spend.get(k, (Decimal(0), 0))
-                usd, tokens = usd + claim.usd, tokens + claim.tokens
-                self._spend[k] = (usd, tokens)
-                for threshold in crossed(claim, usd, tokens):
+                counter = self._counter(claim.key, claim.period_start)
+                counter[0] += claim.usd
+                counter[2] += claim.tokens
+                for threshold in crossed(claim, counter[0], counter[2]):
                     marker = (claim.key, claim.period_start, threshold)
                     if marker not in self._alerts:
                         self._alerts.add(marker)
-                        fired.append(Fired(claim.key, claim.period_start, threshold, usd, tokens))
+                        fired.append(Fired(claim.key, claim.period_start, threshold, counter[0], counter[2]))
         return fired
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
-        """Settled and held amounts of one key."""
+        """Settled and held amounts of one key (lapsed leases dropped first)."""
         with self._lock:
-            return self._totals(key, period_start, now)
+            self._drop(lambda host, pid, expires: expires <= now)
+            return self._totals(key, period_start)
 
     def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
         """Record an alert; ``True`` the first time only."""
@@ -126,16 +135,19 @@ class MemoryStore:
             self._alerts.add(marker)
             return True
 
-    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop expired holds and holds of dead local processes."""
+    def _drop(self, doomed: Callable[[str, int, float], bool]) -> int:
         dropped = 0
-        with self._lock:
-            for holds in self._holds.values():
-                for hold_id, (_, _, expires, (h_host, pid)) in list(holds.items()):
-                    if expires <= now or (h_host == host and not alive(pid)):
-                        del holds[hold_id]
-                        dropped += 1
+        for ident, (usd, tokens, expires) in list(self._holders.items()):
+            host, pid, key, period = ident
+            if doomed(host, pid, expires):
+                del self._holders[ident]
+                counter = self._counter(key, period)
+                counter[1] = max(counter[1] - usd, Decimal(0))
+                counter[3] = max(counter[3] - tokens, 0)
+                dropped += bool(usd or tokens)
         return dropped
 
-    def __repr__(self) -> str:
-        return f"MemoryStore({len(self._rows)} rows)"
+    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
+        """Drop the holds of owners whose lease lapsed or, on ``host``, whose process is gone."""
+        with self._lock:
+            return self._drop(lambda h, pid, expires: expires <= now or (h == host and not alive(pid)))

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing.util
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -31,12 +32,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from .._budget import Claim, Fired, Refusal, Totals, crossed, fits
+from .._budget import Claim, Fired, Refusal, Totals, crossed, fits, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ledger import LedgerRow, Stats
 from .._usage import Usage
 
 __all__ = ["SQLiteStore", "money_text"]
+
+fcntl: Any
+try:
+    import fcntl
+except ImportError:  # Windows: writers wait on SQLite's lock alone
+    fcntl = None
 
 log = logging.getLogger("tokenguard")
 _MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
@@ -70,22 +77,22 @@ CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
 CREATE TABLE IF NOT EXISTS budget_spend (
     key TEXT NOT NULL,
     period_start REAL NOT NULL,
-    usd TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
+    spent_nusd INTEGER NOT NULL,
+    held_nusd INTEGER NOT NULL,
+    spent_tokens INTEGER NOT NULL,
+    held_tokens INTEGER NOT NULL,
     PRIMARY KEY (key, period_start)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS budget_holds (
-    hold_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    period_start REAL NOT NULL,
-    usd TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    expires_at REAL NOT NULL,
+CREATE TABLE IF NOT EXISTS budget_holders (
     host TEXT NOT NULL,
     pid INTEGER NOT NULL,
-    PRIMARY KEY (hold_id, key)
+    key TEXT NOT NULL,
+    period_start REAL NOT NULL,
+    nusd INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (host, pid, key, period_start)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS budget_holds_key ON budget_holds (key, period_start);
 CREATE TABLE IF NOT EXISTS budget_alerts (
     key TEXT NOT NULL,
     period_start REAL NOT NULL,
@@ -106,6 +113,28 @@ def money_text(value: Decimal | None) -> str | None:
     if value is None:
         return None
     return format(value, "f")
+
+
+_BUSY_DEADLINE_S: Final = 30.0
+_NO_TOTALS: Final = Totals()
+
+
+def _retry_busy(attempt: Callable[[], Any]) -> Any:
+    """Run ``attempt``, retrying while another process holds the write lock.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between tries, which starves a
+    process that wants the lock for 20 µs; this one retries after 20-500 µs, with jitter.
+    """
+    deadline = time.monotonic() + _BUSY_DEADLINE_S
+    pause = 20e-6
+    while True:
+        try:
+            return attempt()
+        except sqlite3.OperationalError as err:
+            if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 500e-6)
 
 
 def _values(row: LedgerRow) -> tuple[Any, ...]:
@@ -266,6 +295,8 @@ class SQLiteStore:
         self.write_behind_s = float(write_behind_s)
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._lock_pid = -1
         # one list object for the store's life (mutated in place), so the finalizer below
         # can write what a store dropped without close() still had queued
         self._queue: list[LedgerRow] = []
@@ -289,16 +320,8 @@ class SQLiteStore:
             # created private from the start (not chmod-ed after): the ledger names users and spend
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    "store", self.url, f"written by a newer tokenguard (schema {version} > {_SCHEMA_VERSION})"
-                )
-            if version < _SCHEMA_VERSION:
-                conn.executescript(_SCHEMA + f"PRAGMA user_version={_SCHEMA_VERSION};")
+            opened = conn
+            _retry_busy(lambda: self._prepare(opened))
             conn.create_aggregate("tg_dsum", 1, _DecimalSum)  # type: ignore[arg-type]  # step/finalize duck-typed
         except (sqlite3.Error, OSError) as err:
             if conn is not None:
@@ -311,6 +334,22 @@ class SQLiteStore:
         self._conn = conn
         self._pid = os.getpid()
         return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        # small pages make each commit write less (a budget reserve touches two pages): set before
+        # the file's first write, a no-op on an existing file
+        conn.execute("PRAGMA page_size=1024")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # lock waits are retried by _retry_busy (fast), not by SQLite's slow busy handler
+        conn.execute("PRAGMA busy_timeout=0")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise StoreUnavailable(
+                "store", self.url, f"written by a newer tokenguard (schema {version} > {_SCHEMA_VERSION})"
+            )
+        if version < _SCHEMA_VERSION:
+            conn.executescript(_SCHEMA + f"PRAGMA user_version={_SCHEMA_VERSION};")
 
     def _connection(self) -> sqlite3.Connection:
         # a forked child must not share the parent's connection
@@ -359,25 +398,22 @@ class SQLiteStore:
     def _commit(self, rows: list[LedgerRow]) -> None:
         values = [_values(row) for row in rows]
         try:
-            with self._lock:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(_INSERT, values)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
+            self._write(lambda conn: conn.executemany(_INSERT, values))
         except sqlite3.Error as err:
             raise StoreUnavailable("store", self.url, f"cannot write the ledger: {err}") from err
 
     def _query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         self.flush()
-        try:
+
+        def attempt() -> list[tuple[Any, ...]]:
             with self._lock:
                 return self._connection().execute(sql, params).fetchall()
+
+        try:
+            result: list[tuple[Any, ...]] = _retry_busy(attempt)
         except sqlite3.Error as err:
             raise StoreUnavailable("store", self.url, f"cannot read the ledger: {err}") from err
+        return result
 
     def rows(
         self,
@@ -447,92 +483,171 @@ class SQLiteStore:
             reasoning_tokens=r[15],
         )
 
-    # -- budgets: each operation is one IMMEDIATE transaction, so it is atomic across processes --
+    # -- budgets: each operation is one IMMEDIATE transaction, so it is atomic across processes.
+    # Amounts are integer nano-dollars here (claims arrive already rounded up to 1e-9 USD), so
+    # SQLite adds them exactly and a counter holds up to $9.2 billion.
+
+    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work`` in one IMMEDIATE transaction.
+
+        Writers of this file queue on an ``flock`` of a side file first, so under contention
+        the kernel hands the lock straight to the next process instead of every process
+        polling SQLite's lock; a writer that is not tokenguard is still waited for by
+        ``_retry_busy``.
+        """
+
+        def attempt(conn: sqlite3.Connection) -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        with self._lock:
+            conn = self._connection()
+            fd = self._writer_lock_fd()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                return _retry_busy(lambda: attempt(conn))
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _writer_lock_fd(self) -> int | None:
+        if fcntl is None:
+            return None
+        if self._lock_fd is None or self._lock_pid != os.getpid():
+            # a forked child must not share the parent's open file (and so its lock)
+            self._lock_fd = os.open(f"{self.path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            self._lock_pid = os.getpid()
+        return self._lock_fd
 
     def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         try:
-            with self._lock:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = work(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
+            return self._write(work)
         except sqlite3.Error as err:
             raise StoreUnavailable("store", self.url, f"budget bookkeeping failed: {err}") from err
 
     @staticmethod
-    def _totals_in(conn: sqlite3.Connection, key: str, period: float, now: float) -> Totals:
+    def _totals_in(conn: sqlite3.Connection, key: str, period: float) -> Totals:
         row = conn.execute(
-            "SELECT usd, tokens FROM budget_spend WHERE key = ? AND period_start = ?", (key, period)
+            "SELECT spent_nusd, held_nusd, spent_tokens, held_tokens FROM budget_spend "
+            "WHERE key = ? AND period_start = ?",
+            (key, period),
         ).fetchone()
-        held = conn.execute(
-            "SELECT coalesce(tg_dsum(usd), '0'), coalesce(sum(tokens), 0) FROM budget_holds "
-            "WHERE key = ? AND period_start = ? AND expires_at > ?",
-            (key, period, now),
-        ).fetchone()
-        spent_usd, spent_tokens = (Decimal(row[0]), row[1]) if row else (Decimal(0), 0)
-        return Totals(spent_usd, Decimal(held[0]), spent_tokens, held[1])
+        if row is None:
+            return Totals()
+        return Totals(from_nano(row[0]), from_nano(row[1]), row[2], row[3])
 
     def reserve(
-        self, claims: Sequence[Claim], *, hold_id: str, expires_at: float, now: float, owner: tuple[str, int]
+        self, claims: Sequence[Claim], *, owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:
         """Hold every enforced claim if all fit, in one transaction."""
+        enforced = [c for c in claims if c.enforce]
+        if not enforced:
+            return None
 
         def work(conn: sqlite3.Connection) -> Refusal | None:
-            enforced = [c for c in claims if c.enforce]
+            current = self._totals_many(conn, enforced)
             for claim in enforced:
-                totals = self._totals_in(conn, claim.key, claim.period_start, now)
+                totals = current.get((claim.key, claim.period_start), _NO_TOTALS)
                 if not fits(claim, totals):
                     return Refusal(claim, totals)
+            amounts = [(c.key, c.period_start, to_nano(c.usd), c.tokens) for c in enforced]
             conn.executemany(
-                "INSERT OR REPLACE INTO budget_holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (hold_id, c.key, c.period_start, money_text(c.usd), c.tokens, expires_at, owner[0], owner[1])
-                    for c in enforced
-                ],
+                "INSERT INTO budget_spend VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (key, period_start) DO UPDATE "
+                "SET held_nusd = held_nusd + excluded.held_nusd, held_tokens = held_tokens + excluded.held_tokens",
+                amounts,
+            )
+            conn.executemany(
+                "INSERT INTO budget_holders VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (host, pid, key, period_start) DO UPDATE SET nusd = nusd + excluded.nusd, "
+                "tokens = tokens + excluded.tokens, expires_at = excluded.expires_at",
+                [(owner[0], owner[1], key, period, nusd, tokens, expires_at) for key, period, nusd, tokens in amounts],
             )
             return None
 
         result: Refusal | None = self._transaction(work)
         return result
 
-    def settle(self, hold_id: str | None, actual: Sequence[Claim], *, now: float) -> list[Fired]:
-        """Drop the hold, add the actual amounts and record thresholds newly crossed, in one transaction."""
+    @staticmethod
+    def _totals_many(conn: sqlite3.Connection, claims: Sequence[Claim]) -> dict[tuple[str, float], Totals]:
+        """The totals of every claim's key in one query."""
+        pairs = ", ".join("(?, ?)" for _ in claims)
+        params: list[Any] = [v for c in claims for v in (c.key, c.period_start)]
+        rows = conn.execute(
+            "SELECT key, period_start, spent_nusd, held_nusd, spent_tokens, held_tokens FROM budget_spend "
+            f"WHERE (key, period_start) IN (VALUES {pairs})",
+            params,
+        ).fetchall()
+        return {(r[0], r[1]): Totals(from_nano(r[2]), from_nano(r[3]), r[4], r[5]) for r in rows}
+
+    @staticmethod
+    def _drop_holders(conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> int:
+        """Delete holder rows and take their amounts off the counters; return how many held anything."""
+        dropped = conn.execute(
+            f"DELETE FROM budget_holders WHERE {where} RETURNING key, period_start, nusd, tokens", params
+        ).fetchall()
+        conn.executemany(
+            "UPDATE budget_spend SET held_nusd = max(held_nusd - ?, 0), held_tokens = max(held_tokens - ?, 0) "
+            "WHERE key = ? AND period_start = ?",
+            [(nusd, tokens, key, period) for key, period, nusd, tokens in dropped],
+        )
+        return sum(1 for _, _, nusd, tokens in dropped if nusd or tokens)
+
+    def settle(
+        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+    ) -> list[Fired]:
+        """Release the hold, add the actual amounts and record thresholds newly crossed, in one transaction."""
 
         def work(conn: sqlite3.Connection) -> list[Fired]:
-            if hold_id is not None:
-                conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,))
+            released: dict[tuple[str, float], tuple[int, int]] = {}
+            for claim in held:
+                nusd, tokens = to_nano(claim.usd), claim.tokens
+                # only what this owner still holds is released (a reclaimed hold was taken off already)
+                row = conn.execute(
+                    "UPDATE budget_holders SET nusd = max(nusd - ?, 0), tokens = max(tokens - ?, 0) "
+                    "WHERE host = ? AND pid = ? AND key = ? AND period_start = ? RETURNING 1",
+                    (nusd, tokens, owner[0], owner[1], claim.key, claim.period_start),
+                ).fetchone()
+                if row is not None:
+                    released[(claim.key, claim.period_start)] = (nusd, tokens)
             fired: list[Fired] = []
             for claim in actual:
-                row = conn.execute(
-                    "SELECT usd, tokens FROM budget_spend WHERE key = ? AND period_start = ?",
-                    (claim.key, claim.period_start),
+                held_nusd, held_tokens = released.pop((claim.key, claim.period_start), (0, 0))
+                spent_nusd, spent_tokens = conn.execute(
+                    "INSERT INTO budget_spend VALUES (?, ?, ?, 0, ?, 0) ON CONFLICT (key, period_start) DO UPDATE "
+                    "SET spent_nusd = spent_nusd + excluded.spent_nusd, "
+                    "spent_tokens = spent_tokens + excluded.spent_tokens, "
+                    "held_nusd = max(held_nusd - ?, 0), held_tokens = max(held_tokens - ?, 0) "
+                    "RETURNING spent_nusd, spent_tokens",
+                    (claim.key, claim.period_start, to_nano(claim.usd), claim.tokens, held_nusd, held_tokens),
                 ).fetchone()
-                usd = (Decimal(row[0]) if row else Decimal(0)) + claim.usd
-                tokens = (row[1] if row else 0) + claim.tokens
-                conn.execute(
-                    "INSERT OR REPLACE INTO budget_spend VALUES (?, ?, ?, ?)",
-                    (claim.key, claim.period_start, money_text(usd), tokens),
-                )
-                for threshold in crossed(claim, usd, tokens):
+                usd = from_nano(spent_nusd)
+                for threshold in crossed(claim, usd, spent_tokens):
                     inserted = conn.execute(
                         "INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?)",
                         (claim.key, claim.period_start, threshold),
                     ).rowcount
                     if inserted:
-                        fired.append(Fired(claim.key, claim.period_start, threshold, usd, tokens))
+                        fired.append(Fired(claim.key, claim.period_start, threshold, usd, spent_tokens))
             return fired
 
         result: list[Fired] = self._transaction(work)
         return result
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
-        """Settled and held amounts of one key."""
-        result: Totals = self._transaction(lambda conn: self._totals_in(conn, key, period_start, now))
+        """Settled and held amounts of one key (expired holds dropped first)."""
+
+        def work(conn: sqlite3.Connection) -> Totals:
+            self._drop_holders(conn, "expires_at <= ?", (now,))
+            return self._totals_in(conn, key, period_start)
+
+        result: Totals = self._transaction(work)
         return result
 
     def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
@@ -547,14 +662,14 @@ class SQLiteStore:
         return inserted > 0
 
     def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop expired holds and holds of processes on ``host`` that no longer exist."""
+        """Drop the holds of owners whose lease expired, or whose process on ``host`` is gone."""
 
         def work(conn: sqlite3.Connection) -> int:
-            dropped = conn.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,)).rowcount
-            pids = [r[0] for r in conn.execute("SELECT DISTINCT pid FROM budget_holds WHERE host = ?", (host,))]
+            dropped = self._drop_holders(conn, "expires_at <= ?", (now,))
+            pids = [r[0] for r in conn.execute("SELECT DISTINCT pid FROM budget_holders WHERE host = ?", (host,))]
             for pid in pids:
                 if not alive(pid):
-                    dropped += conn.execute("DELETE FROM budget_holds WHERE host = ? AND pid = ?", (host, pid)).rowcount
+                    dropped += self._drop_holders(conn, "host = ? AND pid = ?", (host, pid))
             return dropped
 
         result: int = self._transaction(work)
@@ -572,6 +687,9 @@ class SQLiteStore:
                 if self._conn is not None and self._pid == os.getpid():
                     self._conn.close()
                 self._conn = None
+                if self._lock_fd is not None and self._lock_pid == os.getpid():
+                    os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"

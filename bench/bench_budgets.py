@@ -1,0 +1,113 @@
+"""Budget reservation throughput: reserve + settle per second on the SQLite store.
+
+Each "call" is what a guarded call does for its budgets: reserve the worst case under
+every budget that applies (one IMMEDIATE transaction), then settle to the actual cost
+(another). Workers hammer one shared SQLite file with a cap that admits exactly
+``--cap-calls`` calls' worth of *actual* cost; the run checks there is zero overshoot
+(settled spend <= cap) and reports admitted calls per second in total.
+
+Run: ``python bench/bench_budgets.py`` (``--processes 1 4``, ``--seconds``). Target: >= 10,000/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import tokenguard
+from tokenguard._budget import BudgetBook
+
+WORST = Decimal("0.0010")  # reserved per call
+ACTUAL = Decimal("0.0004")  # settled per call
+USAGE = tokenguard.Usage(input_tokens=100, output_tokens=20)
+
+
+def _guard(path: str, cap: Decimal) -> tokenguard.Guard:
+    return tokenguard.Guard(
+        store=f"sqlite:///{path}",
+        budgets=[
+            tokenguard.Budget(limit_usd=cap, period="month", name="bench-shared"),
+            tokenguard.Budget(limit_usd=cap, period="day", per="user", name="bench-per-user"),
+        ],
+        on_alert=lambda alert: None,
+    )
+
+
+def worker(path: str, cap: Decimal, seconds: float, results: multiprocessing.Queue[tuple[int, int, float]]) -> None:
+    guard = _guard(path, cap)
+    book = guard.pipeline.budgets
+    assert isinstance(book, BudgetBook)
+    scope = {"user": "bench"}
+    admitted = refused = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        try:
+            hold = book.admit(scope, WORST, 120)
+        except tokenguard.BudgetExceeded:
+            refused += 1
+            if refused > 2000:  # the cap is spent: stop hammering
+                break
+            continue
+        book.settle(hold, scope, USAGE, ACTUAL)
+        admitted += 1
+    elapsed = time.perf_counter() - start
+    guard.close()
+    results.put((admitted, refused, elapsed))
+
+
+def run(processes: int, seconds: float, cap_calls: int) -> dict[str, float]:
+    cap = ACTUAL * cap_calls
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "budgets.db")
+        _guard(path, cap).close()  # create the schema once
+        ctx = multiprocessing.get_context("spawn")
+        results: multiprocessing.Queue[tuple[int, int, float]] = ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(path, cap, seconds, results)) for _ in range(processes)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=seconds + 120) for _ in procs]
+        for p in procs:
+            p.join()
+        guard = _guard(path, cap)
+        status = guard.budget_status(user="bench")
+        guard.close()
+    admitted = sum(o[0] for o in outcomes)
+    wall = max(o[2] for o in outcomes)
+    spent = max(s.spent_usd for s in status)
+    return {
+        "processes": processes,
+        "admitted": admitted,
+        "refused": sum(o[1] for o in outcomes),
+        "calls_per_s": admitted / wall,
+        "spent_usd": float(spent),
+        "cap_usd": float(cap),
+        "overshoot_usd": float(max(spent - cap, Decimal(0))),
+        "held_after_usd": float(max(s.held_usd for s in status)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seconds", type=float, default=3.0, help="how long each worker hammers")
+    parser.add_argument("--cap-calls", type=int, default=20_000, help="calls' worth of actual cost the cap allows")
+    args = parser.parse_args(argv)
+    print(f"{'processes':>9} {'admitted':>9} {'refused':>8} {'calls/s':>9} {'spent $':>9} {'cap $':>7} {'overshoot':>9}")
+    ok = True
+    for n in args.processes:
+        r = run(n, args.seconds, args.cap_calls)
+        ok &= r["overshoot_usd"] == 0
+        print(
+            f"{n:>9} {r['admitted']:>9} {r['refused']:>8} {r['calls_per_s']:>9.0f} {r['spent_usd']:>9.4f} "
+            f"{r['cap_usd']:>7.2f} {r['overshoot_usd']:>9}"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
