@@ -153,6 +153,13 @@ class SpendRate:
     per: str | None = None
     action: Literal["block", "alert"] = "block"
 
+    def __post_init__(self) -> None:
+        _money("SpendRate.max_usd_per_minute", self.max_usd_per_minute)
+        if self.per is not None and (not isinstance(self.per, str) or not self.per.isidentifier()):
+            raise ConfigurationError("SpendRate.per", self.per, "must be None or a scope attribute name")
+        if self.action not in ("block", "alert"):
+            raise ConfigurationError("SpendRate.action", self.action, 'must be "block" or "alert"')
+
     def as_budget(self) -> Budget:
         """The per-minute ``Budget`` this trip is."""
         return Budget(
@@ -451,19 +458,24 @@ class BudgetBook:
             return hold
         budget, value = next((b, v) for b, v, c in hold.claims if c is refusal.claim)
         self._blocked_alert(budget, value, refusal)
-        totals = refusal.totals
-        limit = budget.usd if budget.usd is not None else Decimal(budget.limit_tokens or 0)
-        spent = totals.spent_usd if budget.usd is not None else Decimal(totals.spent_tokens)
-        needed = refusal.claim.usd if budget.usd is not None else Decimal(refusal.claim.tokens)
+        totals, claim = refusal.totals, refusal.claim
+        # report in the unit of the limit that refused (a budget may have both)
+        in_usd = budget.usd is not None and totals.spent_usd + totals.held_usd + claim.usd > budget.usd
+        if in_usd:
+            assert budget.usd is not None
+            limit, spent, needed, held = budget.usd, totals.spent_usd, claim.usd, totals.held_usd
+        else:
+            limit, spent = Decimal(budget.limit_tokens or 0), Decimal(totals.spent_tokens)
+            needed, held = Decimal(claim.tokens), Decimal(totals.held_tokens)
         raise BudgetExceeded(
             budget=budget,
             scope={budget.per: value} if budget.per and value else dict(scope),
             spent_usd=spent,
             limit_usd=limit,
             needed_usd=needed,
-            held_usd=totals.held_usd if budget.usd is not None else Decimal(totals.held_tokens),
+            held_usd=held,
             resets_at=period_end(budget.period, now),
-            unit="USD" if budget.usd is not None else "tokens",
+            unit="USD" if in_usd else "tokens",
         )
 
     def _reserve(self, hold: Hold, ts: float) -> Refusal | None:

@@ -54,12 +54,19 @@ def _check_guard(guard: object) -> Guard | None:
     return guard
 
 
+# placeholders the SDKs leave in a request body for arguments the caller did not give
+_UNSET = (openai.Omit, openai.NotGiven, anthropic.Omit, anthropic.NotGiven)
+
+
 def _body(options: Any) -> Any:
+    """The JSON body the SDK will send: given fields and ``extra_body``, without placeholders."""
     body = options.json_data
+    if not isinstance(body, dict):
+        return body
     extra = getattr(options, "extra_json", None)
-    if extra and isinstance(body, dict):
+    if extra:
         body = {**body, **extra}
-    return body
+    return {k: v for k, v in body.items() if not isinstance(v, _UNSET)}
 
 
 class _GuardedBase:
