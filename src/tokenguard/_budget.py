@@ -296,13 +296,14 @@ class BudgetStore(Protocol):
         """Drop the holds of owners whose lease expired or, on ``host``, whose pid is gone; return how many."""
 
 
-_NANO: Final = Decimal("1e-9")
 _ZERO: Final = Decimal(0)
 
 
 def to_nano(usd: Decimal) -> int:
     """USD as whole nano-dollars, rounded up (budgets never under-count)."""
-    return int((usd / _NANO).to_integral_value(rounding=ROUND_CEILING))
+    if not usd:
+        return 0
+    return int(usd.scaleb(9).to_integral_value(rounding=ROUND_CEILING))
 
 
 def from_nano(nusd: int) -> Decimal:

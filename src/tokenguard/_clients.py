@@ -119,9 +119,19 @@ class _SyncGuarded(_GuardedBase):
     def _process_response(self, **kwargs: Any) -> Any:
         call = _ACTIVE.get()
         response = kwargs["response"]
-        if call is not None and response.is_success:
-            self.guard.pipeline.observe(call, response, is_async=False)
-        return super()._process_response(**kwargs)  # type: ignore[misc]
+        if call is None or not response.is_success:
+            return super()._process_response(**kwargs)  # type: ignore[misc]
+        pipeline = self.guard.pipeline
+        if not response.is_stream_consumed:  # a stream: tap it before the SDK starts reading
+            pipeline.observe(call, response, is_async=False)
+            return super()._process_response(**kwargs)  # type: ignore[misc]
+        try:
+            result = super()._process_response(**kwargs)  # type: ignore[misc]
+        except BaseException:
+            pipeline.observe(call, response, is_async=False)  # billed all the same: settle from the bytes
+            raise
+        pipeline.observe(call, response, is_async=False, parsed=result)
+        return result
 
 
 class _AsyncGuarded(_GuardedBase):
@@ -149,9 +159,19 @@ class _AsyncGuarded(_GuardedBase):
     async def _process_response(self, **kwargs: Any) -> Any:
         call = _ACTIVE.get()
         response = kwargs["response"]
-        if call is not None and response.is_success:
-            self.guard.pipeline.observe(call, response, is_async=True)
-        return await super()._process_response(**kwargs)  # type: ignore[misc]
+        if call is None or not response.is_success:
+            return await super()._process_response(**kwargs)  # type: ignore[misc]
+        pipeline = self.guard.pipeline
+        if not response.is_stream_consumed:  # a stream: tap it before the SDK starts reading
+            pipeline.observe(call, response, is_async=True)
+            return await super()._process_response(**kwargs)  # type: ignore[misc]
+        try:
+            result = await super()._process_response(**kwargs)  # type: ignore[misc]
+        except BaseException:
+            pipeline.observe(call, response, is_async=True)  # billed all the same: settle from the bytes
+            raise
+        pipeline.observe(call, response, is_async=True, parsed=result)
+        return result
 
 
 class OpenAI(_SyncGuarded, openai.OpenAI):

@@ -15,13 +15,14 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx2
+import pydantic
 
 from ._budget import BudgetBook, Hold
 from ._errors import BudgetExceeded, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
@@ -154,11 +155,17 @@ class Pipeline:
 
     # -- observe -----------------------------------------------------------------------------
 
-    def observe(self, call: Call, response: httpx2.Response, *, is_async: bool) -> None:
-        """Account for one successful HTTP response: now if its body is read, else as it streams."""
+    def observe(self, call: Call, response: httpx2.Response, *, is_async: bool, parsed: Any = None) -> None:
+        """Account for one successful HTTP response: now if its body is read, else as it streams.
+
+        ``parsed`` is what the SDK made of a read body (a vendor model), when there is one:
+        its usage is read from it instead of decoding the JSON a second time.
+        """
         try:
             meta = _ResponseMeta.of(response)
-            if response.is_stream_consumed:
+            if parsed is not None and isinstance(getattr(parsed, "usage", None), pydantic.BaseModel):
+                self._settle_seen(call, meta, call.adapter.from_json(call.endpoint, ModelView(parsed)), error=None)
+            elif response.is_stream_consumed:
                 self._settle_body(call, meta, response.content, error=None, raw=False)
             else:
                 # the callback must not hold the response: the tap's finalizer would keep it alive
@@ -209,6 +216,14 @@ class Pipeline:
             if raw:
                 body = _decoded(meta.content_encoding, body)
             seen = self._read(call, meta, body, want_text=False)
+            self._settle_seen(call, meta, seen, error=error, body=body)
+        except Exception:
+            log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
+
+    def _settle_seen(
+        self, call: Call, meta: _ResponseMeta, seen: Observed, *, error: str | None, body: bytes | None = None
+    ) -> None:
+        try:
             if error is not None:
                 seen.error = error
             # a terminal event marks the end even if the caller closed before reading the final bytes
@@ -218,7 +233,8 @@ class Pipeline:
                 usage = seen.usage
             else:
                 # the usage is missing or partial: read again, this time keeping the output text
-                seen = self._read(call, meta, body, want_text=True)
+                if body is not None:
+                    seen = self._read(call, meta, body, want_text=True)
                 if error is not None:
                     seen.error = error
                 usage = self._estimate(call, seen, started=bool(body))
@@ -364,6 +380,44 @@ class Pipeline:
         return len(self._unsaved)
 
 
+_META_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id", b"request-id"})
+
+
+class ModelView(Mapping[str, Any]):
+    """A read-only mapping over a vendor's pydantic model, so adapters read parsed responses
+    and JSON alike (nested models and lists of them are viewed the same way)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            value = getattr(self._model, key)
+        except AttributeError:
+            raise KeyError(key) from None
+        return _view(value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self._model, key, default)
+        return value if value is default else _view(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._model.model_fields_set | set(type(self._model).model_fields))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _view(value: Any) -> Any:
+    if isinstance(value, pydantic.BaseModel):
+        return ModelView(value)
+    if isinstance(value, list) and value and isinstance(value[0], pydantic.BaseModel):
+        return [_view(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class _ResponseMeta:
     """What settling needs from a response's headers (the response itself is not kept)."""
@@ -374,11 +428,17 @@ class _ResponseMeta:
 
     @classmethod
     def of(cls, response: httpx2.Response) -> _ResponseMeta:
-        headers = response.headers
+        # one pass over the raw headers: httpx2's Headers.get costs a scan per call
+        found: dict[bytes, bytes] = {}
+        for name, value in response.headers.raw:
+            lower = name.lower()
+            if lower in _META_HEADERS and lower not in found:
+                found[lower] = value
+        request_id = found.get(b"x-request-id") or found.get(b"request-id")
         return cls(
-            headers.get("content-type", ""),
-            headers.get("content-encoding", "identity").strip().lower(),
-            headers.get("x-request-id") or headers.get("request-id"),
+            found.get(b"content-type", b"").decode("latin-1"),
+            found.get(b"content-encoding", b"identity").decode("latin-1").strip().lower(),
+            request_id.decode("latin-1") if request_id else None,
         )
 
 

@@ -89,14 +89,17 @@ class RateCard:
         if not self.exact_linear or (self.tier_start is not None and usage.input_tokens >= self.tier_start):
             return Decimal(self.model_price.calc_price(genai_usage(usage))["total_price"])
         r = self.rates
-        return (
-            r[0] * usage.input_tokens
-            + r[1] * usage.output_tokens
-            + r[2] * usage.cache_read_tokens
-            + r[3] * usage.cache_write_tokens
-            + r[4] * usage.cache_write_1h_tokens
-            + r[5] * usage.reasoning_tokens
-        )
+        total = r[0] * usage.input_tokens + r[1] * usage.output_tokens
+        # the cache and reasoning counts are usually zero: skip their Decimal products
+        if usage.cache_read_tokens:
+            total += r[2] * usage.cache_read_tokens
+        if usage.cache_write_tokens:
+            total += r[3] * usage.cache_write_tokens
+        if usage.cache_write_1h_tokens:
+            total += r[4] * usage.cache_write_1h_tokens
+        if usage.reasoning_tokens:
+            total += r[5] * usage.reasoning_tokens
+        return total
 
     @classmethod
     def build(cls, model_id: str, price: ModelPrice, context_window: int | None = None) -> RateCard:

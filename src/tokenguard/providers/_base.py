@@ -88,6 +88,11 @@ def dig(data: Any, *path: str) -> Any:
     return data
 
 
+def count(value: Any) -> int:
+    """``value`` if it is a non-negative int (a token count), else 0 (vendors send ``null``)."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 def int_at(data: Any, *path: str) -> int:
     """A non-negative int found at ``path``, else 0 (vendors send ``null`` for absent details)."""
     value = dig(data, *path)

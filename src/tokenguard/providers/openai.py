@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, bound_of, dig, gather_texts, int_at, positive_int
+from ._base import Endpoint, Observed, SSEEvent, bound_of, count, dig, gather_texts, positive_int
 
 __all__ = ["OpenAIAdapter"]
 
@@ -29,6 +29,7 @@ _BY_URL: Final = {
     "/embeddings": EMBEDDINGS,
     "/completions": COMPLETIONS,
 }
+_EMPTY: Final[Mapping[str, Any]] = {}
 _HAS_USAGE: Final = re.compile(r'"usage"\s*:\s*\{')
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
 _TEXT_EVENTS: Final = frozenset(
@@ -46,24 +47,30 @@ _TERMINAL_RESPONSE_EVENTS: Final = {
 }
 
 
-def _chat_usage(u: Any) -> Usage:
+def _usage(u: Mapping[str, Any], inp: str, out: str, inp_details: str, out_details: str) -> Usage:
+    # on every call's path: plain dict gets, no generic walking
+    details_in = u.get(inp_details)
+    details_out = u.get(out_details)
+    if not isinstance(details_in, Mapping):
+        details_in = _EMPTY
+    if not isinstance(details_out, Mapping):
+        details_out = _EMPTY
     return Usage(
-        input_tokens=int_at(u, "prompt_tokens"),
-        output_tokens=int_at(u, "completion_tokens"),
-        cache_read_tokens=int_at(u, "prompt_tokens_details", "cached_tokens"),
-        cache_write_tokens=int_at(u, "prompt_tokens_details", "cache_write_tokens"),
-        reasoning_tokens=int_at(u, "completion_tokens_details", "reasoning_tokens"),
+        count(u.get(inp)),
+        count(u.get(out)),
+        count(details_in.get("cached_tokens")),
+        count(details_in.get("cache_write_tokens")),
+        0,
+        count(details_out.get("reasoning_tokens")),
     )
 
 
-def _responses_usage(u: Any) -> Usage:
-    return Usage(
-        input_tokens=int_at(u, "input_tokens"),
-        output_tokens=int_at(u, "output_tokens"),
-        cache_read_tokens=int_at(u, "input_tokens_details", "cached_tokens"),
-        cache_write_tokens=int_at(u, "input_tokens_details", "cache_write_tokens"),
-        reasoning_tokens=int_at(u, "output_tokens_details", "reasoning_tokens"),
-    )
+def _chat_usage(u: Mapping[str, Any]) -> Usage:
+    return _usage(u, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+
+
+def _responses_usage(u: Mapping[str, Any]) -> Usage:
+    return _usage(u, "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
 
 def _tier(data: Any) -> dict[str, str]:
