@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="how long each worker hammers")
     parser.add_argument("--cap-calls", type=int, default=20_000, help="calls' worth of actual cost the cap allows")
     args = parser.parse_args(argv)
-    print(f"{'processes':>9} {'admitted':>9} {'refused':>8} {'calls/s':>9} {'spent $':>9} {'cap $':>7} {'overshoot':>9}")
+    header = ("processes", "admitted", "refused", "calls/s", "spent $", "cap $", "overshoot")
+    print(" ".join(f"{h:>9}" for h in header))
     ok = True
     for n in args.processes:
         r = run(n, args.seconds, args.cap_calls)

@@ -118,3 +118,29 @@ def test_other_control_characters_inside_data_are_not_line_breaks() -> None:
 def test_invalid_utf8_is_replaced_not_raised() -> None:
     """Bytes that are not UTF-8 are replaced rather than failing the whole body."""
     assert events(b"data: a\xffb\n\n") == [(None, "a\ufffdb")]
+
+
+def test_head_and_tail_keeps_the_first_and_last_events() -> None:
+    """A long stream is read only at its ends: the first event and the last four."""
+    from tokenguard._sse import head_and_tail
+
+    body = b"".join(f"data: {i}\n\n".encode() for i in range(50))
+    assert head_and_tail(body) == [(None, "0"), (None, "46"), (None, "47"), (None, "48"), (None, "49")]
+
+
+def test_head_and_tail_reads_short_or_cr_streams_whole() -> None:
+    """Streams with no middle, or with CR line endings, are read whole."""
+    from tokenguard._sse import head_and_tail, iter_sse
+
+    short = b"event: a\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"
+    crlf = b"".join(f"data: {i}\r\n\r\n".encode() for i in range(20))
+    assert head_and_tail(short) == list(iter_sse(short))
+    assert head_and_tail(crlf) == list(iter_sse(crlf))
+
+
+def test_head_and_tail_keeps_an_unterminated_last_event() -> None:
+    """A stream cut off mid-event still yields that last, partial event."""
+    from tokenguard._sse import head_and_tail
+
+    body = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: cut"
+    assert head_and_tail(body)[-1] == (None, "cut")

@@ -30,7 +30,7 @@ from ._ledger import LedgerRow, Outcome, Store
 from ._observe import install_tap
 from ._pricing import PriceBook, RateCard
 from ._scope import current_scope
-from ._sse import iter_sse
+from ._sse import head_and_tail, iter_sse
 from ._tokens import count_messages_tokens, count_tokens, tiktoken_encoding
 from ._usage import Usage
 from .providers import Adapter, Endpoint, Observed
@@ -264,7 +264,9 @@ class Pipeline:
 
     def _read(self, call: Call, meta: _ResponseMeta, body: bytes, *, want_text: bool) -> Observed:
         if "text/event-stream" in meta.content_type:
-            return call.adapter.from_events(call.endpoint, list(iter_sse(body)), want_text=want_text)
+            # the ends of a stream carry its cost; the whole of it is read only to estimate from the text
+            events = list(iter_sse(body)) if want_text else head_and_tail(body)
+            return call.adapter.from_events(call.endpoint, events, want_text=want_text)
         try:
             data = json.loads(body)
         except ValueError:

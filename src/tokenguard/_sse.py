@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from .providers._base import SSEEvent
 
-__all__ = ["iter_sse"]
+__all__ = ["head_and_tail", "iter_sse"]
 
 _LINES = re.compile(r"\r\n|\r|\n")
 
@@ -38,3 +38,23 @@ def iter_sse(body: bytes) -> Iterator[SSEEvent]:
             name = value
     if data:
         yield name, "\n".join(data)
+
+
+def head_and_tail(body: bytes, tail: int = 4) -> list[SSEEvent]:
+    """The first event and the last ``tail`` events of ``body``, without reading the middle.
+
+    Everything a stream says about its cost sits at its ends: the model and (Anthropic)
+    the input usage in the first event; the usage, the end marker and any error in the
+    last few. Reading only the ends keeps settling a long stream as cheap as a short one.
+    Bodies with CR line endings, or too few events to have a middle, are read whole.
+    """
+    if b"\r" in body:
+        return list(iter_sse(body))
+    first_end = body.find(b"\n\n")
+    end = len(body.rstrip(b"\n"))
+    start = end
+    for _ in range(tail):
+        start = body.rfind(b"\n\n", 0, start)
+        if start <= first_end:
+            return list(iter_sse(body))
+    return [*iter_sse(body[: first_end + 2]), *iter_sse(body[start + 2 :])]

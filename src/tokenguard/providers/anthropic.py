@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, bound_of, dig, gather_texts, int_at, positive_int
+from ._base import Endpoint, Observed, SSEEvent, bound_of, count, dig, gather_texts, int_at, positive_int
 
 __all__ = ["AnthropicAdapter"]
 
@@ -32,12 +32,14 @@ _COUNTS: Final = (
 
 
 def _usage(u: Mapping[str, Any]) -> Usage:
-    base = int_at(u, "input_tokens")
-    written = int_at(u, "cache_creation_input_tokens")
-    read = int_at(u, "cache_read_input_tokens")
-    output = int_at(u, "output_tokens")
-    written_1h = int_at(u, "cache_creation", "ephemeral_1h_input_tokens")
-    reasoning = int_at(u, "output_tokens_details", "thinking_tokens")
+    # on every call's path: plain gets, the nested details only when present
+    base = count(u.get("input_tokens"))
+    written = count(u.get("cache_creation_input_tokens"))
+    read = count(u.get("cache_read_input_tokens"))
+    output = count(u.get("output_tokens"))
+    written_1h = int_at(u, "cache_creation", "ephemeral_1h_input_tokens") if written else 0
+    details = u.get("output_tokens_details")
+    reasoning = int_at(details, "thinking_tokens") if details is not None else 0
     for item in u.get("iterations") or ():
         if isinstance(item, Mapping) and item.get("type") == "compaction":
             base += int_at(item, "input_tokens")
