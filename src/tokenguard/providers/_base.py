@@ -170,3 +170,12 @@ def media_parts(value: Any) -> int:
 def positive_int(value: Any) -> int | None:
     """``value`` if it is a positive int, else ``None``."""
     return value if type(value) is int and value > 0 else None
+
+
+def loads_object(data: str) -> dict[str, Any] | None:
+    """``data`` decoded as a JSON object, or ``None`` (``[DONE]``, a corrupted chunk, a list ...)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -10,13 +10,23 @@ top-level usage and are added on top.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, bound_of, count, dig, gather_texts, int_at, positive_int
+from ._base import (
+    Endpoint,
+    Observed,
+    SSEEvent,
+    bound_of,
+    count,
+    dig,
+    gather_texts,
+    int_at,
+    loads_object,
+    positive_int,
+)
 
 __all__ = ["AnthropicAdapter"]
 
@@ -127,11 +137,8 @@ class AnthropicAdapter:
                 continue
             if kind not in _DECODED:
                 continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
+            event = loads_object(data)
+            if event is None:
                 continue
             if kind == "message_start":
                 message = event.get("message")

@@ -9,13 +9,22 @@ the caller asked for ``stream_options.include_usage``; tokenguard never adds it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._usage import Usage
-from ._base import Endpoint, Observed, SSEEvent, bound_of, count, dig, gather_texts, positive_int
+from ._base import (
+    Endpoint,
+    Observed,
+    SSEEvent,
+    bound_of,
+    count,
+    dig,
+    gather_texts,
+    loads_object,
+    positive_int,
+)
 
 __all__ = ["OpenAIAdapter"]
 
@@ -170,11 +179,8 @@ class OpenAIAdapter:
             # decode only what can matter: the first chunk (model), usage, errors, text if wanted
             if not (want_text or index == 0 or _HAS_USAGE.search(data) or '"error"' in data):
                 continue
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                continue
-            if not isinstance(chunk, dict):
+            chunk = loads_object(data)
+            if chunk is None:
                 continue
             if chunk.get("error"):
                 seen.error = "stream_error"
@@ -201,7 +207,7 @@ class OpenAIAdapter:
             kind = name or _type_of(data)
             if kind in _TEXT_EVENTS:
                 if want_text:
-                    delta = dig(_loads(data), "delta")
+                    delta = dig(loads_object(data), "delta")
                     if isinstance(delta, str):
                         seen.text_parts.append(delta)
                 continue
@@ -210,7 +216,7 @@ class OpenAIAdapter:
                 continue
             if kind not in _TERMINAL_RESPONSE_EVENTS and kind != "response.created":
                 continue
-            response = dig(_loads(data), "response")
+            response = dig(loads_object(data), "response")
             if isinstance(response, dict):
                 if isinstance(response.get("model"), str):
                     seen.model = response["model"]
@@ -221,13 +227,6 @@ class OpenAIAdapter:
                 seen.finished = True
                 seen.error = _TERMINAL_RESPONSE_EVENTS[kind] or seen.error
         return seen
-
-
-def _loads(data: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
 
 
 def _type_of(data: str) -> str | None:
