@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Final
 
 from genai_prices import Usage as GenaiUsage
 from genai_prices.data_snapshot import get_snapshot
@@ -282,8 +282,3 @@ class PriceBook:
         own = any(info is m for m in provider.models)
         price = info.get_prices(when, (context or None) if own else None)
         return RateCard.build(info.id, price, info.context_window)
-
-
-def price_context_of(**values: Any) -> dict[str, str]:
-    """A genai-prices price context from the non-empty values given."""
-    return {k: str(v) for k, v in values.items() if v not in (None, "")}
