@@ -2,9 +2,11 @@
 
 Each "call" is what a guarded call does for its budgets: reserve the worst case under
 every budget that applies (one IMMEDIATE transaction), then settle to the actual cost
-(another). Workers hammer one shared SQLite file with a cap that admits exactly
-``--cap-calls`` calls' worth of *actual* cost; the run checks there is zero overshoot
-(settled spend <= cap) and reports admitted calls per second in total.
+(another). By default two budgets apply to each call (a per-user day cap and a shared
+month cap); ``--budgets 1`` keeps only the per-user one. Workers hammer one shared
+SQLite file with a cap that admits exactly ``--cap-calls`` calls' worth of *actual*
+cost; the run checks there is zero overshoot (settled spend <= cap) and reports admitted
+calls per second in total.
 
 Run: ``python bench/bench_budgets.py`` (``--processes 1 4``, ``--seconds``). Target: >= 10,000/s.
 """
@@ -26,19 +28,18 @@ ACTUAL = Decimal("0.0004")  # settled per call
 USAGE = tokenguard.Usage(input_tokens=100, output_tokens=20)
 
 
-def _guard(path: str, cap: Decimal) -> tokenguard.Guard:
-    return tokenguard.Guard(
-        store=f"sqlite:///{path}",
-        budgets=[
-            tokenguard.Budget(limit_usd=cap, period="month", name="bench-shared"),
-            tokenguard.Budget(limit_usd=cap, period="day", per="user", name="bench-per-user"),
-        ],
-        on_alert=lambda alert: None,
-    )
+def _guard(path: str, cap: Decimal, budgets: int) -> tokenguard.Guard:
+    every = [
+        tokenguard.Budget(limit_usd=cap, period="day", per="user", name="bench-per-user"),
+        tokenguard.Budget(limit_usd=cap, period="month", name="bench-shared"),
+    ]
+    return tokenguard.Guard(store=f"sqlite:///{path}", budgets=every[:budgets], on_alert=lambda alert: None)
 
 
-def worker(path: str, cap: Decimal, seconds: float, results: multiprocessing.Queue[tuple[int, int, float]]) -> None:
-    guard = _guard(path, cap)
+def worker(
+    path: str, cap: Decimal, budgets: int, seconds: float, results: multiprocessing.Queue[tuple[int, int, float]]
+) -> None:
+    guard = _guard(path, cap, budgets)
     book = guard.pipeline.budgets
     assert isinstance(book, BudgetBook)
     scope = {"user": "bench"}
@@ -60,20 +61,20 @@ def worker(path: str, cap: Decimal, seconds: float, results: multiprocessing.Que
     results.put((admitted, refused, elapsed))
 
 
-def run(processes: int, seconds: float, cap_calls: int) -> dict[str, float]:
+def run(processes: int, seconds: float, cap_calls: int, budgets: int) -> dict[str, float]:
     cap = ACTUAL * cap_calls
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "budgets.db")
-        _guard(path, cap).close()  # create the schema once
+        _guard(path, cap, budgets).close()  # create the schema once
         ctx = multiprocessing.get_context("spawn")
         results: multiprocessing.Queue[tuple[int, int, float]] = ctx.Queue()
-        procs = [ctx.Process(target=worker, args=(path, cap, seconds, results)) for _ in range(processes)]
+        procs = [ctx.Process(target=worker, args=(path, cap, budgets, seconds, results)) for _ in range(processes)]
         for p in procs:
             p.start()
         outcomes = [results.get(timeout=seconds + 120) for _ in procs]
         for p in procs:
             p.join()
-        guard = _guard(path, cap)
+        guard = _guard(path, cap, budgets)
         status = guard.budget_status(user="bench")
         guard.close()
     admitted = sum(o[0] for o in outcomes)
@@ -96,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seconds", type=float, default=3.0, help="how long each worker hammers")
     parser.add_argument("--cap-calls", type=int, default=20_000, help="calls' worth of actual cost the cap allows")
+    parser.add_argument("--budgets", type=int, choices=(1, 2), default=2, help="budgets per call: per-user (+ shared)")
     args = parser.parse_args(argv)
     header = ("processes", "admitted", "refused", "calls/s", "spent $", "cap $", "overshoot")
     print(" ".join(f"{h:>9}" for h in header))
     ok = True
     for n in args.processes:
-        r = run(n, args.seconds, args.cap_calls)
+        r = run(n, args.seconds, args.cap_calls, args.budgets)
         ok &= r["overshoot_usd"] == 0
         print(
             f"{n:>9} {r['admitted']:>9} {r['refused']:>8} {r['calls_per_s']:>9.0f} {r['spent_usd']:>9.4f} "
