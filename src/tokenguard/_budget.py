@@ -396,6 +396,8 @@ class BudgetBook:
             self._sinks = sinks
         self._fired_here: set[tuple[str, float, float]] = set()
         self._lock = threading.Lock()
+        # settles still queued keep their holds: settle them before calling a budget full
+        self.before_refusal: Callable[[], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.budgets)
@@ -483,6 +485,9 @@ class BudgetBook:
         claims = [c for _, _, c in hold.claims]
         owner = (_HOST, os.getpid())
         refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
+        if refusal is not None and self.before_refusal is not None:
+            self.before_refusal()
+            refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
         if refusal is not None and self._store.reclaim(now=ts, host=_HOST, alive=pid_alive):
             refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
         return refusal

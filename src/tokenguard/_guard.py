@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
 from ._errors import ConfigurationError
-from ._ledger import Stats, Store
+from ._ledger import LedgerRow, Stats, Store
 from ._periods import period_start
 from ._pipeline import Pipeline
 from ._pricing import PriceBook
@@ -48,6 +48,10 @@ class Guard:
             (holds of dead processes on this host are reclaimed at once when a cap is hit).
         default_max_output_tokens: the output bound for a request that sets no
             ``max_tokens`` when the model's context window is unknown either.
+        settle_delay_s: settling a finished call (pricing it, writing its ledger row,
+            settling its budgets, raising alerts) runs on a background thread within this
+            many seconds, off the caller's path; ``0`` settles in the caller's thread before
+            the call returns. Reads through the guard settle what is queued first.
         clock: returns the current UTC time; injectable for tests.
     """
 
@@ -60,6 +64,7 @@ class Guard:
         require_prices: bool = False,
         budget_hold_s: float = 900.0,
         default_max_output_tokens: int = 32_768,
+        settle_delay_s: float = 0.02,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not isinstance(require_prices, bool):
@@ -74,6 +79,12 @@ class Guard:
             or default_max_output_tokens <= 0
         ):
             raise ConfigurationError("default_max_output_tokens", default_max_output_tokens, "must be a positive int")
+        if (
+            isinstance(settle_delay_s, bool)
+            or not isinstance(settle_delay_s, int | float)
+            or not (0 <= settle_delay_s <= 10)
+        ):
+            raise ConfigurationError("settle_delay_s", settle_delay_s, "must be between 0 and 10 seconds")
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
         if store is None:
@@ -97,13 +108,14 @@ class Guard:
             budgets=book,
             default_max_output_tokens=default_max_output_tokens,
             wall_clock=self._clock,
+            defer_s=float(settle_delay_s),
         )
         self.require_prices = require_prices
 
     @property
     def store(self) -> Store:
-        """The ledger store."""
-        return self._store
+        """The ledger store (reads through it see every call settled so far: queued ones are settled first)."""
+        return _DrainingStore(self._store, self._pipeline)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -117,10 +129,12 @@ class Guard:
         ``guard.spent(period="day", user="alice")``.
         """
         since = period_start(period, self._clock())
+        self._pipeline.drain()
         return self._store.spent(since=since, scope=validate_scope(scope))
 
     def stats(self, **scope: str | int) -> Stats:
         """Totals over every recorded call matching ``scope`` (all time)."""
+        self._pipeline.drain()
         return self._store.stats(since=None, scope=validate_scope(scope))
 
     @property
@@ -133,6 +147,7 @@ class Guard:
         (``guard.budget_status(user="alice")``; a ``per=`` budget reports the key ``scope`` gives)."""
         if self._budgets is None:
             return []
+        self._pipeline.drain()
         return self._budgets.status(validate_scope(scope))
 
     def register_price(
@@ -155,12 +170,66 @@ class Guard:
             vendor=vendor,
         )
 
+    def flush(self) -> None:
+        """Settle every call still queued (price it, record it, settle its budgets) now.
+
+        Settling runs off the caller's path, within ~20 ms; ``spent()``, ``stats()``,
+        ``budget_status()``, reads through ``guard.store`` and ``close()`` flush first, so
+        this is needed only before reading a ``Store`` object directly or waiting for alerts.
+        """
+        self._pipeline.drain()
+        flush = getattr(self._store, "flush", None)
+        if callable(flush):
+            flush()
+
     def close(self) -> None:
-        """Close the store. Clients using this guard must not be used afterwards."""
+        """Settle what is queued and close the store. Clients using this guard must not be used afterwards."""
+        self._pipeline.drain()
         self._store.close()
 
     def __repr__(self) -> str:
         return f"Guard(store={self._store.url!r}, require_prices={self.require_prices})"
+
+
+class _DrainingStore:
+    """The guard's store as users see it: every read first settles the calls still queued."""
+
+    def __init__(self, store: Store, pipeline: Pipeline) -> None:
+        self._store = store
+        self._pipeline = pipeline
+        self.url = store.url
+
+    def record(self, row: LedgerRow) -> None:
+        """Append one row."""
+        self._store.record(row)
+
+    def rows(
+        self, *, since: datetime | None = None, until: datetime | None = None, scope: Mapping[str, str] | None = None
+    ) -> Iterator[LedgerRow]:
+        """The matching rows, oldest first (queued calls settled first)."""
+        self._pipeline.drain()
+        return self._store.rows(since=since, until=until, scope=scope)
+
+    def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
+        """Settled USD of the matching rows (queued calls settled first)."""
+        self._pipeline.drain()
+        return self._store.spent(since=since, scope=scope)
+
+    def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
+        """Totals of the matching rows (queued calls settled first)."""
+        self._pipeline.drain()
+        return self._store.stats(since=since, scope=scope)
+
+    def close(self) -> None:
+        """Settle what is queued, then close the store."""
+        self._pipeline.drain()
+        self._store.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def __repr__(self) -> str:
+        return repr(self._store)
 
 
 _default: Guard | None = None

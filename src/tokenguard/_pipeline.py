@@ -10,11 +10,15 @@ the caller: a bug or a store outage here must not cost the user a response they 
 
 from __future__ import annotations
 
+import atexit
+import collections
 import json
 import logging
+import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +66,8 @@ class Call:
     attempts: int = 1
     settled: int = field(default=0)
     hold: Hold | None = None
+    # a response was handed to the pipeline (its settling may still be queued)
+    observed: bool = False
 
 
 class Pipeline:
@@ -76,6 +82,7 @@ class Pipeline:
         budgets: BudgetBook | None = None,
         default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        defer_s: float = 0.02,
     ) -> None:
         self.store = store
         self.prices = prices
@@ -85,6 +92,55 @@ class Pipeline:
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
         self._unsaved_lock = threading.Lock()
+        # settling (pricing, the ledger row, the budget settle) runs off the caller's path:
+        # queued here, drained by a worker within defer_s, or at once by any read (see drain())
+        self.defer_s = defer_s
+        self._priced: set[tuple[str, str]] = set()
+        self._queue: collections.deque[Callable[[], None]] = collections.deque()
+        self._queue_cond = threading.Condition()
+        self._drain_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        if budgets:
+            budgets.before_refusal = self.drain
+        _pipelines.add(self)
+        _register_exit_hook()
+
+    # -- deferred settling -------------------------------------------------------------------
+
+    def _defer(self, work: Callable[[], None]) -> None:
+        if self.defer_s <= 0:
+            work()
+            return
+        with self._queue_cond:
+            self._queue.append(work)
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=_drain_loop,
+                    args=(weakref.ref(self), self._queue, self._queue_cond, self.defer_s),
+                    name="tokenguard-settle",
+                    daemon=True,
+                )
+                self._worker.start()
+            if len(self._queue) == 1:
+                self._queue_cond.notify()
+
+    def drain(self) -> None:
+        """Settle everything queued, now, in this thread (reads and refusals call this first)."""
+        with self._drain_lock:
+            while True:
+                try:
+                    work = self._queue.popleft()
+                except IndexError:
+                    return
+                try:
+                    work()
+                except Exception:
+                    log.exception("tokenguard: settling a call failed")
+
+    @property
+    def pending(self) -> int:
+        """Calls whose settling is still queued."""
+        return len(self._queue)
 
     # -- admit -------------------------------------------------------------------------------
 
@@ -129,10 +185,13 @@ class Pipeline:
         return call
 
     def _block(self, call: Call, reason: str) -> None:
-        try:
-            self._record(call, Usage(), None, outcome="blocked", error=reason, estimated=False)
-        except Exception:  # a broken store must not replace the reason the call was refused
-            log.exception("tokenguard: could not record a blocked %s call", call.endpoint.name)
+        def record() -> None:
+            try:
+                self._record(call, Usage(), None, outcome="blocked", error=reason, estimated=False)
+            except Exception:  # a broken store must not replace the reason the call was refused
+                log.exception("tokenguard: could not record a blocked %s call", call.endpoint.name)
+
+        self._defer(record)
 
     def _worst_case(self, call: Call, card: RateCard | None, input_tokens: int) -> tuple[Decimal, int]:
         """The most this call can cost: (USD, input + output tokens)."""
@@ -161,26 +220,41 @@ class Pipeline:
         ``parsed`` is what the SDK made of a read body (a vendor model), when there is one:
         its usage is read from it instead of decoding the JSON a second time.
         """
+        call.observed = True
+        answered_by: str | None = None
         try:
-            meta = _ResponseMeta.of(response)
             if parsed is not None and isinstance(getattr(parsed, "usage", None), pydantic.BaseModel):
-                self._settle_seen(call, meta, call.adapter.from_json(call.endpoint, ModelView(parsed)), error=None)
+                # the usage is read from the vendor's own object, off the caller's path too
+                answered_by = getattr(parsed, "model", None)
+                self._defer(
+                    lambda: self._settle_seen(
+                        call, _ResponseMeta.of(response), call.adapter.from_json(call.endpoint, parsed), error=None
+                    )
+                )
             elif response.is_stream_consumed:
-                self._settle_body(call, meta, response.content, error=None, raw=False)
+                content = response.content
+                self._defer(lambda: self._settle_body(call, _ResponseMeta.of(response), content, error=None, raw=False))
             else:
+                meta = _ResponseMeta.of(response)
                 # the callback must not hold the response: the tap's finalizer would keep it alive
                 install_tap(
                     response,
-                    lambda body, error: self._settle_body(call, meta, body, error=error, raw=True),
+                    lambda body, error: self._defer(lambda: self._settle_body(call, meta, body, error=error, raw=True)),
                     is_async=is_async,
                 )
+            # after the call is queued: a warning turned into an error cannot lose its row
+            self._warn_if_unpriced(call, answered_by)
         except Exception:
             log.exception("tokenguard: could not account for a %s call", call.endpoint.name)
 
     def failed(self, call: Call, exc: BaseException) -> None:
         """Record a call that raised before any response was accounted for."""
-        if call.settled:
+        if call.settled or call.observed:
             return
+        call.observed = True
+        self._defer(lambda: self._record_failure(call, exc))
+
+    def _record_failure(self, call: Call, exc: BaseException) -> None:
         try:
             name = type(exc).__name__
             cause = exc.__cause__
@@ -257,8 +331,6 @@ class Pipeline:
                 model=model,
                 request_id=meta.request_id,
             )
-            if cost is None:
-                self._warn_unpriced(call.adapter.vendor, model)
         except Exception:
             log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
 
@@ -305,8 +377,15 @@ class Pipeline:
             cost = self.prices.cost(vendor, call.model, usage, context)
         return cost
 
-    def _warn_unpriced(self, vendor: str, model: str) -> None:
-        """Warn once per process and model (after the row is safely recorded)."""
+    def _warn_if_unpriced(self, call: Call, answered_by: str | None) -> None:
+        """Warn, in the caller's thread, once per model, when the call will be recorded unpriced."""
+        vendor = call.adapter.vendor
+        model = answered_by or call.model
+        if (vendor, model) in self._priced:  # a model once priced stays priced
+            return
+        if self.prices.card(vendor, model) is not None or self.prices.card(vendor, call.model) is not None:
+            self._priced.add((vendor, model))
+            return
         key = (vendor, model)
         with _warned_lock:
             if key in _warned_unpriced:
@@ -378,8 +457,12 @@ class Pipeline:
 
     @property
     def unsaved(self) -> int:
-        """Rows kept in memory because the store could not take them yet."""
+        """Rows kept in memory because the store could not take them yet (after draining the queue)."""
+        self.drain()
         return len(self._unsaved)
+
+
+_META_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id", b"request-id"})
 
 
 _META_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id", b"request-id"})
@@ -418,6 +501,60 @@ def _view(value: Any) -> Any:
     if isinstance(value, list) and value and isinstance(value[0], pydantic.BaseModel):
         return [_view(v) for v in value]
     return value
+
+
+def _drain_loop(
+    ref: weakref.ref[Pipeline],
+    queue: collections.deque[Callable[[], None]],
+    cond: threading.Condition,
+    delay: float,
+) -> None:
+    """Drain a pipeline's queue in batches; exit once the pipeline is gone.
+
+    Holds the pipeline only while draining (queued work itself keeps it alive until done).
+    """
+    while True:
+        with cond:
+            while not queue:
+                cond.wait(1.0)
+                if not queue and ref() is None:
+                    return
+        time.sleep(delay)  # let a batch gather: fewer wake-ups, fewer GIL hand-offs
+        pipeline = ref()
+        if pipeline is None:
+            return
+        pipeline.drain()
+        del pipeline
+
+
+_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def _drain_all() -> None:
+    for pipeline in list(_pipelines):
+        pipeline.drain()
+
+
+def _forget_queued_in_child() -> None:
+    # work queued in the parent is the parent's; a child starts with fresh locks and no worker
+    for pipeline in list(_pipelines):
+        pipeline._queue.clear()
+        pipeline._queue_cond = threading.Condition()
+        pipeline._drain_lock = threading.Lock()
+        pipeline._worker = None
+
+
+os.register_at_fork(after_in_child=_forget_queued_in_child)
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Drain at exit, registered at the first pipeline: after the stores' own exit hooks, so
+    (exit hooks run last-registered first) the rows it settles are then written by them."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_drain_all)
 
 
 @dataclass(frozen=True, slots=True)

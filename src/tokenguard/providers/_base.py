@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pydantic
+
 from .._usage import Usage
 
 __all__ = ["Adapter", "Endpoint", "Observed", "SSEEvent", "dig", "gather_texts", "int_at"]
@@ -65,8 +67,8 @@ class Adapter(Protocol):
     def output_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int | None:
         """The most output tokens the request allows (its ``max_tokens`` ..., times ``n``), or ``None``."""
 
-    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
-        """What a complete JSON response body reports."""
+    def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
+        """What a complete response reports: its JSON body, or the SDK's parsed model of it."""
 
     def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
         """What a (possibly cut-short) event stream reported.
@@ -78,12 +80,24 @@ class Adapter(Protocol):
         """
 
 
+def field_of(obj: Any, key: str) -> Any:
+    """``obj[key]`` of a JSON object, or ``obj.key`` of a vendor's parsed (pydantic) model;
+    ``None`` where absent. One accessor lets adapters read JSON bodies and parsed responses
+    alike, so a response the SDK already parsed is never decoded twice."""
+    if type(obj) is dict:
+        return obj.get(key)
+    if isinstance(obj, pydantic.BaseModel):  # checked before Mapping: an ABC check costs more
+        return getattr(obj, key, None)
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return None
+
+
 def dig(data: Any, *path: str) -> Any:
-    """``data[p0][p1]...`` or ``None`` where a step is missing or not a mapping."""
+    """``data[p0][p1]...`` (or attributes of a parsed model), ``None`` where a step is missing."""
     for key in path:
-        if isinstance(data, dict | Mapping):  # dict is checked first: the fast, common case
-            data = data.get(key)
-        else:
+        data = field_of(data, key)
+        if data is None:
             return None
     return data
 

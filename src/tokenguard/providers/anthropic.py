@@ -22,6 +22,7 @@ from ._base import (
     bound_of,
     count,
     dig,
+    field_of,
     gather_texts,
     int_at,
     loads_object,
@@ -41,17 +42,17 @@ _COUNTS: Final = (
 )
 
 
-def _usage(u: Mapping[str, Any]) -> Usage:
-    # on every call's path: plain gets, the nested details only when present
-    base = count(u.get("input_tokens"))
-    written = count(u.get("cache_creation_input_tokens"))
-    read = count(u.get("cache_read_input_tokens"))
-    output = count(u.get("output_tokens"))
+def _usage(u: Any) -> Usage:
+    # on every call's path: direct field reads, the nested details only when present
+    base = count(field_of(u, "input_tokens"))
+    written = count(field_of(u, "cache_creation_input_tokens"))
+    read = count(field_of(u, "cache_read_input_tokens"))
+    output = count(field_of(u, "output_tokens"))
     written_1h = int_at(u, "cache_creation", "ephemeral_1h_input_tokens") if written else 0
-    details = u.get("output_tokens_details")
+    details = field_of(u, "output_tokens_details")
     reasoning = int_at(details, "thinking_tokens") if details is not None else 0
-    for item in u.get("iterations") or ():
-        if isinstance(item, Mapping) and item.get("type") == "compaction":
+    for item in field_of(u, "iterations") or ():
+        if field_of(item, "type") == "compaction":
             base += int_at(item, "input_tokens")
             written += int_at(item, "cache_creation_input_tokens")
             read += int_at(item, "cache_read_input_tokens")
@@ -67,14 +68,14 @@ def _usage(u: Mapping[str, Any]) -> Usage:
     )
 
 
-def _context(u: Mapping[str, Any]) -> dict[str, str]:
+def _context(u: Any) -> dict[str, str]:
     ctx: dict[str, str] = {}
-    tier = u.get("service_tier")
+    tier = field_of(u, "service_tier")
     if tier == "batch":
         ctx["processing"] = "batch"
     elif isinstance(tier, str) and tier and tier != "standard":
         ctx["service_tier"] = tier
-    if u.get("speed") == "fast":
+    if field_of(u, "speed") == "fast":
         ctx["speed"] = "fast"
     return ctx
 
@@ -113,14 +114,14 @@ class AnthropicAdapter:
         """``max_tokens`` (required by the API)."""
         return positive_int(body.get("max_tokens"))
 
-    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
-        """Usage of a non-streamed message."""
-        raw = data.get("usage")
-        model = data.get("model")
+    def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
+        """Usage of a non-streamed message (its JSON, or the SDK's parsed model)."""
+        raw = field_of(data, "usage")
+        model = field_of(data, "model")
         return Observed(
-            usage=_usage(raw) if isinstance(raw, Mapping) else None,
+            usage=_usage(raw) if raw is not None else None,
             model=model if isinstance(model, str) else None,
-            price_context=_context(raw) if isinstance(raw, Mapping) else {},
+            price_context=_context(raw) if raw is not None else {},
             finished=True,
         )
 

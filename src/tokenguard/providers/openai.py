@@ -21,6 +21,7 @@ from ._base import (
     bound_of,
     count,
     dig,
+    field_of,
     gather_texts,
     loads_object,
     positive_int,
@@ -38,7 +39,6 @@ _BY_URL: Final = {
     "/embeddings": EMBEDDINGS,
     "/completions": COMPLETIONS,
 }
-_EMPTY: Final[Mapping[str, Any]] = {}
 _HAS_USAGE: Final = re.compile(r'"usage"\s*:\s*\{')
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
 _TEXT_EVENTS: Final = frozenset(
@@ -56,29 +56,25 @@ _TERMINAL_RESPONSE_EVENTS: Final = {
 }
 
 
-def _usage(u: Mapping[str, Any], inp: str, out: str, inp_details: str, out_details: str) -> Usage:
-    # on every call's path: plain dict gets, no generic walking
-    details_in = u.get(inp_details)
-    details_out = u.get(out_details)
-    if not isinstance(details_in, Mapping):
-        details_in = _EMPTY
-    if not isinstance(details_out, Mapping):
-        details_out = _EMPTY
+def _usage(u: Any, inp: str, out: str, inp_details: str, out_details: str) -> Usage:
+    # on every call's path: direct field reads, no generic walking
+    details_in = field_of(u, inp_details)
+    details_out = field_of(u, out_details)
     return Usage(
-        count(u.get(inp)),
-        count(u.get(out)),
-        count(details_in.get("cached_tokens")),
-        count(details_in.get("cache_write_tokens")),
+        count(field_of(u, inp)),
+        count(field_of(u, out)),
+        count(field_of(details_in, "cached_tokens")),
+        count(field_of(details_in, "cache_write_tokens")),
         0,
-        count(details_out.get("reasoning_tokens")),
+        count(field_of(details_out, "reasoning_tokens")),
     )
 
 
-def _chat_usage(u: Mapping[str, Any]) -> Usage:
+def _chat_usage(u: Any) -> Usage:
     return _usage(u, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
 
 
-def _responses_usage(u: Mapping[str, Any]) -> Usage:
+def _responses_usage(u: Any) -> Usage:
     return _usage(u, "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
 
@@ -151,14 +147,14 @@ class OpenAIAdapter:
         choices = max(positive_int(body.get("n")) or 1, positive_int(body.get("best_of")) or 1)
         return None if limit is None else limit * choices
 
-    def from_json(self, endpoint: Endpoint, data: Mapping[str, Any]) -> Observed:
-        """Usage of a non-streamed response."""
-        raw = data.get("usage")
+    def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
+        """Usage of a non-streamed response (its JSON, or the SDK's parsed model)."""
+        raw = field_of(data, "usage")
         usage = None
-        if isinstance(raw, Mapping):
+        if raw is not None:
             usage = _responses_usage(raw) if endpoint is RESPONSES else _chat_usage(raw)
-        model = data.get("model")
-        error = "response.failed" if endpoint is RESPONSES and data.get("status") == "failed" else None
+        model = field_of(data, "model")
+        error = "response.failed" if endpoint is RESPONSES and field_of(data, "status") == "failed" else None
         return Observed(
             usage=usage,
             model=model if isinstance(model, str) else None,
