@@ -282,9 +282,14 @@ class BudgetStore(Protocol):
         """Hold every enforced claim if each fits under its limit, atomically; else hold nothing."""
 
     def settle(
-        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+        self,
+        batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]],
+        *,
+        owner: tuple[str, int],
+        now: float,
     ) -> list[Fired]:
-        """Release ``held`` (if still held), add ``actual``; record and return thresholds newly crossed."""
+        """For each ``(held, actual)`` of the batch, in one transaction: release ``held`` (if this
+        owner still holds it) and add ``actual``; record and return thresholds newly crossed."""
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
         """The key's settled and held amounts."""
@@ -494,26 +499,35 @@ class BudgetBook:
 
     def settle(self, hold: Hold | None, scope: Mapping[str, str], usage: Usage, cost: Decimal | None) -> None:
         """Replace the hold with what the call cost (``cost=None``: unpriced, counts tokens only)."""
-        if not self.budgets:
+        self.settle_many([(hold, scope, usage, cost)])
+
+    def settle_many(self, calls: Sequence[tuple[Hold | None, Mapping[str, str], Usage, Decimal | None]]) -> None:
+        """Settle several calls in one store transaction (the background settler batches them)."""
+        if not self.budgets or not calls:
             return
-        tokens = usage.input_tokens + usage.output_tokens
-        if hold is not None and not hold.settled:
-            hold.settled = True
-            claims = hold.claims
-            held = [c for _, _, c in claims if c.enforce]
-        else:  # a second billed response of the same call: add it, there is no hold left
-            claims = self._claims(scope, Decimal(0), 0, self._clock())
-            held = []
-        spent = from_nano(to_nano(cost or _ZERO))
-        actual = [
-            (b, v, c._replace(usd=spent if c.limit_usd is not None else _ZERO, tokens=tokens)) for b, v, c in claims
-        ]
-        now = self._clock().timestamp()
-        fired = self._store.settle(held, [c for _, _, c in actual], owner=(_HOST, os.getpid()), now=now)
+        batch: list[tuple[list[Claim], list[Claim]]] = []
+        meta: dict[tuple[str, float], tuple[Budget, str | None, Claim]] = {}
+        now = self._clock()
+        for hold, scope, usage, cost in calls:
+            tokens = usage.input_tokens + usage.output_tokens
+            if hold is not None and not hold.settled:
+                hold.settled = True
+                claims = hold.claims
+                held = [c for _, _, c in claims if c.enforce]
+            else:  # a second billed response of the same call: add it, there is no hold left
+                claims = self._claims(scope, Decimal(0), 0, now)
+                held = []
+            spent = from_nano(to_nano(cost or _ZERO))
+            actual = []
+            for budget, value, claim in claims:
+                done = claim._replace(usd=spent if claim.limit_usd is not None else _ZERO, tokens=tokens)
+                actual.append(done)
+                meta[(done.key, done.period_start)] = (budget, value, done)
+            batch.append((held, actual))
+        fired = self._store.settle(batch, owner=(_HOST, os.getpid()), now=now.timestamp())
         for event in fired:
-            for budget, value, claim in actual:
-                if claim.key == event.key and claim.period_start == event.period_start:
-                    self._emit(budget, value, event.threshold, event.spent_usd, event.spent_tokens, claim)
+            budget, value, claim = meta[(event.key, event.period_start)]
+            self._emit(budget, value, event.threshold, event.spent_usd, event.spent_tokens, claim)
 
     def release(self, hold: Hold | None, scope: Mapping[str, str]) -> None:
         """Give the whole hold back (the vendor did not bill)."""

@@ -96,6 +96,8 @@ class Pipeline:
         # queued here, drained by a worker within defer_s, or at once by any read (see drain())
         self.defer_s = defer_s
         self._priced: set[tuple[str, str]] = set()
+        self._budget_batch: list[tuple[Hold | None, Mapping[str, str], Usage, Decimal | None]] | None = None
+        self._batching_thread: int | None = None
         self._queue: collections.deque[Callable[[], None]] = collections.deque()
         self._queue_cond = threading.Condition()
         self._drain_lock = threading.Lock()
@@ -125,17 +127,30 @@ class Pipeline:
                 self._queue_cond.notify()
 
     def drain(self) -> None:
-        """Settle everything queued, now, in this thread (reads and refusals call this first)."""
+        """Settle everything queued, now, in this thread (reads and refusals call this first).
+
+        The budget settles of the drained calls go to the store as one transaction.
+        """
         with self._drain_lock:
-            while True:
-                try:
-                    work = self._queue.popleft()
-                except IndexError:
-                    return
-                try:
-                    work()
-                except Exception:
-                    log.exception("tokenguard: settling a call failed")
+            self._budget_batch = []
+            self._batching_thread = threading.get_ident()
+            try:
+                while True:
+                    try:
+                        work = self._queue.popleft()
+                    except IndexError:
+                        break
+                    try:
+                        work()
+                    except Exception:
+                        log.exception("tokenguard: settling a call failed")
+            finally:
+                batch, self._budget_batch, self._batching_thread = self._budget_batch, None, None
+                if batch and self.budgets is not None:
+                    try:
+                        self.budgets.settle_many(batch)
+                    except Exception:  # the holds expire on their own; never lose the drain
+                        log.exception("tokenguard: could not settle the budgets of %d call(s)", len(batch))
 
     @property
     def pending(self) -> int:
@@ -412,10 +427,13 @@ class Pipeline:
     ) -> None:
         call.settled += 1
         if self.budgets is not None and outcome != "blocked":
-            try:
-                self.budgets.settle(call.hold, call.scope, usage, cost)
-            except Exception:  # the hold expires on its own; the call's answer must not be lost
-                log.exception("tokenguard: could not settle the budgets of a %s call", call.endpoint.name)
+            if self._budget_batch is not None and self._batching_thread == threading.get_ident():
+                self._budget_batch.append((call.hold, call.scope, usage, cost))  # settled as one batch
+            else:
+                try:
+                    self.budgets.settle(call.hold, call.scope, usage, cost)
+                except Exception:  # the hold expires on its own; the call's answer must not be lost
+                    log.exception("tokenguard: could not settle the budgets of a %s call", call.endpoint.name)
         row = LedgerRow(
             ts=call.ts,
             vendor=call.adapter.vendor,

@@ -95,30 +95,41 @@ class MemoryStore:
         return None
 
     def settle(
-        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+        self,
+        batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]],
+        *,
+        owner: tuple[str, int],
+        now: float,
     ) -> list[Fired]:
-        """Release the hold, add the actual amounts, and return thresholds newly crossed."""
+        """Release the holds, add the actual amounts, and return thresholds newly crossed."""
         fired: list[Fired] = []
         with self._lock:
-            for claim in held:
-                holder = self._holders.get((*owner, claim.key, claim.period_start))
-                if holder is None:
-                    continue  # reclaimed already: its amounts were taken off then
-                holder[0] = max(holder[0] - claim.usd, Decimal(0))
-                holder[1] = max(holder[1] - claim.tokens, 0)
-                counter = self._counter(claim.key, claim.period_start)
-                counter[1] = max(counter[1] - claim.usd, Decimal(0))
-                counter[3] = max(counter[3] - claim.tokens, 0)
-            for claim in actual:
-                counter = self._counter(claim.key, claim.period_start)
-                counter[0] += claim.usd
-                counter[2] += claim.tokens
-                for threshold in crossed(claim, counter[0], counter[2]):
-                    marker = (claim.key, claim.period_start, threshold)
-                    if marker not in self._alerts:
-                        self._alerts.add(marker)
-                        fired.append(Fired(claim.key, claim.period_start, threshold, counter[0], counter[2]))
+            for held, actual in batch:
+                self._settle_one(held, actual, owner, fired)
         return fired
+
+    def _settle_one(
+        self, held: Sequence[Claim], actual: Sequence[Claim], owner: tuple[str, int], fired: list[Fired]
+    ) -> None:
+        """One call of a batch (``settle()`` holds the lock)."""
+        for claim in held:
+            holder = self._holders.get((*owner, claim.key, claim.period_start))
+            if holder is None:
+                continue  # reclaimed already: its amounts were taken off then
+            holder[0] = max(holder[0] - claim.usd, Decimal(0))
+            holder[1] = max(holder[1] - claim.tokens, 0)
+            counter = self._counter(claim.key, claim.period_start)
+            counter[1] = max(counter[1] - claim.usd, Decimal(0))
+            counter[3] = max(counter[3] - claim.tokens, 0)
+        for claim in actual:
+            counter = self._counter(claim.key, claim.period_start)
+            counter[0] += claim.usd
+            counter[2] += claim.tokens
+            for threshold in crossed(claim, counter[0], counter[2]):
+                marker = (claim.key, claim.period_start, threshold)
+                if marker not in self._alerts:
+                    self._alerts.add(marker)
+                    fired.append(Fired(claim.key, claim.period_start, threshold, counter[0], counter[2]))
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
         """Settled and held amounts of one key (lapsed leases dropped first)."""

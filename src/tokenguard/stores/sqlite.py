@@ -600,45 +600,62 @@ class SQLiteStore:
         return sum(1 for _, _, nusd, tokens in dropped if nusd or tokens)
 
     def settle(
-        self, held: Sequence[Claim], actual: Sequence[Claim], *, owner: tuple[str, int], now: float
+        self,
+        batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]],
+        *,
+        owner: tuple[str, int],
+        now: float,
     ) -> list[Fired]:
-        """Release the hold, add the actual amounts and record thresholds newly crossed, in one transaction."""
+        """Release the holds, add the actual amounts and record thresholds newly crossed: the
+        whole batch in one transaction."""
 
         def work(conn: sqlite3.Connection) -> list[Fired]:
-            released: dict[tuple[str, float], tuple[int, int]] = {}
-            for claim in held:
-                nusd, tokens = to_nano(claim.usd), claim.tokens
-                # only what this owner still holds is released (a reclaimed hold was taken off already)
-                row = conn.execute(
-                    "UPDATE budget_holders SET nusd = max(nusd - ?, 0), tokens = max(tokens - ?, 0) "
-                    "WHERE host = ? AND pid = ? AND key = ? AND period_start = ? RETURNING 1",
-                    (nusd, tokens, owner[0], owner[1], claim.key, claim.period_start),
-                ).fetchone()
-                if row is not None:
-                    released[(claim.key, claim.period_start)] = (nusd, tokens)
             fired: list[Fired] = []
-            for claim in actual:
-                held_nusd, held_tokens = released.pop((claim.key, claim.period_start), (0, 0))
-                spent_nusd, spent_tokens = conn.execute(
-                    "INSERT INTO budget_spend VALUES (?, ?, ?, 0, ?, 0) ON CONFLICT (key, period_start) DO UPDATE "
-                    "SET spent_nusd = spent_nusd + excluded.spent_nusd, "
-                    "spent_tokens = spent_tokens + excluded.spent_tokens, "
-                    "held_nusd = max(held_nusd - ?, 0), held_tokens = max(held_tokens - ?, 0) "
-                    "RETURNING spent_nusd, spent_tokens",
-                    (claim.key, claim.period_start, to_nano(claim.usd), claim.tokens, held_nusd, held_tokens),
-                ).fetchone()
-                usd = from_nano(spent_nusd)
-                for threshold in crossed(claim, usd, spent_tokens):
-                    inserted = conn.execute(
-                        "INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?)",
-                        (claim.key, claim.period_start, threshold),
-                    ).rowcount
-                    if inserted:
-                        fired.append(Fired(claim.key, claim.period_start, threshold, usd, spent_tokens))
+            for held, actual in batch:
+                self._settle_one(conn, held, actual, owner, fired)
             return fired
 
         result: list[Fired] = self._transaction(work)
         return result
+
+    @staticmethod
+    def _settle_one(
+        conn: sqlite3.Connection,
+        held: Sequence[Claim],
+        actual: Sequence[Claim],
+        owner: tuple[str, int],
+        fired: list[Fired],
+    ) -> None:
+        """One call of a batch, inside ``settle()``'s transaction."""
+        released: dict[tuple[str, float], tuple[int, int]] = {}
+        for claim in held:
+            nusd, tokens = to_nano(claim.usd), claim.tokens
+            # only what this owner still holds is released (a reclaimed hold was taken off already)
+            row = conn.execute(
+                "UPDATE budget_holders SET nusd = max(nusd - ?, 0), tokens = max(tokens - ?, 0) "
+                "WHERE host = ? AND pid = ? AND key = ? AND period_start = ? RETURNING 1",
+                (nusd, tokens, owner[0], owner[1], claim.key, claim.period_start),
+            ).fetchone()
+            if row is not None:
+                released[(claim.key, claim.period_start)] = (nusd, tokens)
+        for claim in actual:
+            held_nusd, held_tokens = released.pop((claim.key, claim.period_start), (0, 0))
+            spent_nusd, spent_tokens = conn.execute(
+                "INSERT INTO budget_spend VALUES (?, ?, ?, 0, ?, 0) ON CONFLICT (key, period_start) DO UPDATE "
+                "SET spent_nusd = spent_nusd + excluded.spent_nusd, "
+                "spent_tokens = spent_tokens + excluded.spent_tokens, "
+                "held_nusd = max(held_nusd - ?, 0), held_tokens = max(held_tokens - ?, 0) "
+                "RETURNING spent_nusd, spent_tokens",
+                (claim.key, claim.period_start, to_nano(claim.usd), claim.tokens, held_nusd, held_tokens),
+            ).fetchone()
+            usd = from_nano(spent_nusd)
+            for threshold in crossed(claim, usd, spent_tokens):
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO budget_alerts VALUES (?, ?, ?)",
+                    (claim.key, claim.period_start, threshold),
+                ).rowcount
+                if inserted:
+                    fired.append(Fired(claim.key, claim.period_start, threshold, usd, spent_tokens))
 
     def totals(self, key: str, period_start: float, *, now: float) -> Totals:
         """Settled and held amounts of one key (expired holds dropped first)."""
