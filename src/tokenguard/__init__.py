@@ -7,6 +7,7 @@ in a local ledger.
 """
 
 from ._budget import Alert, Budget, BudgetStatus, SpendRate, WebhookAlerts, log_alert
+from ._cache import Cache, cache_control
 from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
 from ._errors import (
     BudgetExceeded,
@@ -36,6 +37,7 @@ __all__ = [
     "Budget",
     "BudgetExceeded",
     "BudgetStatus",
+    "Cache",
     "ConfigurationError",
     "Guard",
     "LedgerRow",
@@ -52,6 +54,7 @@ __all__ = [
     "Usage",
     "WebhookAlerts",
     "__version__",
+    "cache_control",
     "current_scope",
     "default_guard",
     "log_alert",

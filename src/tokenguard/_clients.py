@@ -14,13 +14,16 @@ The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
 import anthropic
+import httpx2
 import openai
 
+from ._cache import tenant_of
 from ._errors import ConfigurationError
 from ._guard import Guard, default_guard
 from ._pipeline import Call
@@ -69,8 +72,11 @@ def _body(options: Any) -> Any:
     return {k: v for k, v in body.items() if not isinstance(v, _UNSET)}
 
 
+_FLIGHT_WAIT_S = 120.0  # the longest an identical call waits for another's answer
+
+
 class _GuardedBase:
-    """What sync and async guarded clients share: the guard, the adapter, copies."""
+    """What sync and async guarded clients share: the guard, the adapter, copies, cache replay."""
 
     _tg_guard: Guard | None
     _tg_adapter: Adapter
@@ -93,6 +99,33 @@ class _GuardedBase:
 
     with_options = copy
 
+    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str]]:
+        """What the cache key needs from the client: base URL, a credential fingerprint, headers."""
+        secrets = []
+        for name in ("api_key", "auth_token", "organization", "project", "_azure_ad_token"):
+            value = getattr(self, name, None)
+            secrets.append(value if isinstance(value, str) else "")
+        headers = {k.lower(): v for k, v in (options.headers or {}).items() if isinstance(v, str)}
+        custom = getattr(self, "_custom_headers", None) or {}
+        headers.update({k.lower(): v for k, v in custom.items() if isinstance(v, str) and k.lower() not in headers})
+        return str(getattr(self, "base_url", "")), tenant_of(*secrets), headers
+
+    def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
+        """The stored answer as an HTTP response to this very request (so raw-response and
+        stream callers get exactly what a live answer would give them)."""
+        entry = call.cache_entry
+        assert entry is not None
+        prepare = getattr(self, "_copy_and_prepare", None)
+        opts = prepare(options) if callable(prepare) else options.model_copy()
+        request = self._build_request(opts, retries_taken=0)  # type: ignore[attr-defined]
+        self.guard.pipeline.record_hit(call)
+        return httpx2.Response(
+            entry.status,
+            headers={"content-type": entry.content_type, "x-tokenguard-cache": "hit"},
+            content=entry.body,
+            request=request,
+        )
+
 
 class _SyncGuarded(_GuardedBase):
     def __init__(self, *args: Any, guard: Guard | None = None, **kwargs: Any) -> None:
@@ -103,10 +136,24 @@ class _SyncGuarded(_GuardedBase):
     def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
         """Run one logical call through the guard (the SDK calls this for every request)."""
         pipeline = self.guard.pipeline
-        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
+        context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
+        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
         parent = super()
         if call is None:
             return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+        while call.waiting is not None:  # an identical call is in flight: its answer will be ours
+            call.waiting.wait(_FLIGHT_WAIT_S)
+            call = pipeline.resume(call)
+        if call.cache_entry is not None:
+            response = self._tg_replay_response(call, options)
+            return parent._process_response(  # type: ignore[attr-defined]
+                cast_to=self._maybe_override_cast_to(cast_to, options),  # type: ignore[attr-defined]
+                options=options,
+                response=response,
+                stream=stream,
+                stream_cls=stream_cls,
+                retries_taken=0,
+            )
         token = _ACTIVE.set(call)
         try:
             return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
@@ -143,10 +190,24 @@ class _AsyncGuarded(_GuardedBase):
     async def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
         """Run one logical call through the guard (the SDK awaits this for every request)."""
         pipeline = self.guard.pipeline
-        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream)
+        context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
+        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
         parent = super()
         if call is None:
             return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+        while call.waiting is not None:  # an identical call is in flight: its answer will be ours
+            await asyncio.to_thread(call.waiting.wait, _FLIGHT_WAIT_S)
+            call = pipeline.resume(call)
+        if call.cache_entry is not None:
+            response = self._tg_replay_response(call, options)
+            return await parent._process_response(  # type: ignore[attr-defined]
+                cast_to=self._maybe_override_cast_to(cast_to, options),  # type: ignore[attr-defined]
+                options=options,
+                response=response,
+                stream=stream,
+                stream_cls=stream_cls,
+                retries_taken=0,
+            )
         token = _ACTIVE.set(call)
         try:
             return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
+from ._cache import Cache
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, Stats, Store
 from ._periods import period_start
@@ -37,6 +38,10 @@ class Guard:
         store: where the ledger (and the budgets' spend) lives: ``"sqlite:///relative.db"``,
             ``"sqlite:////abs/path.db"``, ``"memory://"``, a ``Store`` object, or ``None`` for
             ``TOKENGUARD_STORE`` and then the default SQLite file in the user data directory.
+        cache: ``True`` for the default response cache (on disk, in the user cache
+            directory), a ``tokenguard.Cache(...)``, or ``False`` (default) for none. Only
+            repeatable requests (``temperature=0``, a fixed ``seed``, embeddings) are cached
+            unless ``Cache(cache_all=True)``.
         budgets: ``Budget`` and ``SpendRate`` caps; a call is sent only if every one that
             applies can reserve its worst-case cost (see docs/budgets.md).
         on_alert: a callable (or several) receiving each ``Alert``; default: log a warning.
@@ -60,6 +65,7 @@ class Guard:
         *,
         store: str | os.PathLike[str] | Store | None = None,
         budgets: Iterable[Budget | SpendRate] = (),
+        cache: bool | Cache = False,
         on_alert: Callable[[Alert], object] | Sequence[Callable[[Alert], object]] | None = None,
         require_prices: bool = False,
         budget_hold_s: float = 900.0,
@@ -85,6 +91,15 @@ class Guard:
             or not (0 <= settle_delay_s <= 10)
         ):
             raise ConfigurationError("settle_delay_s", settle_delay_s, "must be between 0 and 10 seconds")
+        if cache is True:
+            response_cache: Cache | None = Cache()
+        elif cache is False or cache is None:
+            response_cache = None
+        elif isinstance(cache, Cache):
+            response_cache = cache
+        else:
+            raise ConfigurationError("cache", cache, "must be True, False or a tokenguard.Cache")
+        self.cache = response_cache
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
         if store is None:
@@ -106,6 +121,7 @@ class Guard:
             prices=self._prices,
             require_prices=require_prices,
             budgets=book,
+            cache=response_cache,
             default_max_output_tokens=default_max_output_tokens,
             wall_clock=self._clock,
             defer_s=float(settle_delay_s),

@@ -73,6 +73,12 @@ class Stats:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
 
+    @property
+    def cache_hit_rate(self) -> float:
+        """Cache hits over calls answered (hits plus calls sent and answered); 0.0 with none."""
+        answered = self.calls - self.budget_blocks - self.loops_blocked - self.errors
+        return self.cache_hits / answered if answered > 0 else 0.0
+
     @classmethod
     def of(cls, rows: Iterable[LedgerRow]) -> Stats:
         """Add up ``rows`` (the reference every store's ``stats()`` must agree with)."""

@@ -29,6 +29,7 @@ import httpx2
 import pydantic
 
 from ._budget import BudgetBook, Hold
+from ._cache import Cache, CacheEntry, cache_key, current_cache_control, deterministic
 from ._errors import BudgetExceeded, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
 from ._ledger import LedgerRow, Outcome, Store
 from ._observe import install_tap
@@ -68,6 +69,13 @@ class Call:
     hold: Hold | None = None
     # a response was handed to the pipeline (its settling may still be queued)
     observed: bool = False
+    # the response cache: the key this call is stored under, the entry that answers it,
+    # the flight it leads (followers wait on it) or waits for
+    cache_key: str | None = None
+    cache_entry: CacheEntry | None = None
+    cache_ttl_s: float | None = None
+    flight: threading.Event | None = None
+    waiting: threading.Event | None = None
 
 
 class Pipeline:
@@ -80,6 +88,7 @@ class Pipeline:
         prices: PriceBook,
         require_prices: bool,
         budgets: BudgetBook | None = None,
+        cache: Cache | None = None,
         default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         defer_s: float = 0.02,
@@ -88,6 +97,7 @@ class Pipeline:
         self.prices = prices
         self.require_prices = require_prices
         self.budgets = budgets if budgets else None
+        self.cache = cache
         self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
@@ -159,11 +169,21 @@ class Pipeline:
 
     # -- admit -------------------------------------------------------------------------------
 
-    def begin(self, adapter: Adapter, method: str, url: str, body: Any, stream: bool) -> Call | None:
+    def begin(
+        self,
+        adapter: Adapter,
+        method: str,
+        url: str,
+        body: Any,
+        stream: bool,
+        cache_context: Callable[[], tuple[str, str, Mapping[str, str]]] | None = None,
+    ) -> Call | None:
         """Start a call, or return ``None`` for a request that costs nothing (it passes untouched).
 
-        Raises a tokenguard error, after recording a ``blocked`` row, when the call must not
-        be sent.
+        With a cache, a call may come back answered (``call.cache_entry``: replay it) or
+        told to wait for an identical call in flight (``call.waiting``: wait on it, then
+        ``resume()``). Raises a tokenguard error, after recording a ``blocked`` row, when
+        the call must not be sent. ``cache_context`` gives (base URL, tenant, headers).
         """
         endpoint = adapter.endpoint(method, url)
         if endpoint is None:
@@ -180,6 +200,47 @@ class Pipeline:
             ts=self._now(),
             started=time.perf_counter(),
         )
+        if self.cache is not None and cache_context is not None:
+            control = current_cache_control()
+            wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
+            if not control.bypass and wanted:
+                base_url, tenant, headers = cache_context()
+                call.cache_key = cache_key(
+                    vendor=adapter.vendor,
+                    base_url=base_url,
+                    method=method,
+                    url=url,
+                    body={**body, "stream": call.stream},
+                    headers=headers,
+                    tenant="shared" if self.cache.share_across_keys else tenant,
+                )
+                call.cache_ttl_s = control.ttl_s
+                if not control.refresh:
+                    return self.resume(call)
+                call.flight = self.cache.lead(call.cache_key)
+        return self._admit(call)
+
+    def resume(self, call: Call) -> Call:
+        """Look the call up in the cache (again, after waiting): answered, waiting or admitted."""
+        assert self.cache is not None
+        assert call.cache_key is not None
+        call.waiting = None
+        entry = self.cache.lookup(call.cache_key)
+        if entry is not None:
+            call.cache_entry = entry
+            return call
+        call.flight = self.cache.lead(call.cache_key)
+        if call.flight is None:
+            waiting = self.cache.follow(call.cache_key)
+            if waiting is not None:
+                call.waiting = waiting
+                return call
+            call.flight = self.cache.lead(call.cache_key)  # the flight landed meanwhile
+        return self._admit(call)
+
+    def _admit(self, call: Call) -> Call:
+        """The checks before sending: the price, then every budget's reservation."""
+        adapter, endpoint, body = call.adapter, call.endpoint, call.body
         budgets = self.budgets
         if not self.require_prices and budgets is None:
             return call
@@ -196,8 +257,33 @@ class Pipeline:
                 )
             except BudgetExceeded:
                 self._block(call, "budget")
+                self.land(call)
                 raise
         return call
+
+    def land(self, call: Call) -> None:
+        """End the call's cache flight, if it leads one (followers look the cache up again)."""
+        if call.flight is not None and self.cache is not None and call.cache_key is not None:
+            self.cache.land(call.cache_key, call.flight)
+            call.flight = None
+
+    def record_hit(self, call: Call) -> None:
+        """A call answered from the cache: $0, outcome cache_hit, the original cost saved."""
+        entry = call.cache_entry
+        assert entry is not None
+        call.observed = True
+        self._defer(
+            lambda: self._record(
+                call,
+                Usage(),
+                Decimal(0),
+                outcome="cache_hit",
+                error=None,
+                estimated=False,
+                model=entry.model,
+                saved=entry.cost_usd,
+            )
+        )
 
     def _block(self, call: Call, reason: str) -> None:
         def record() -> None:
@@ -241,20 +327,29 @@ class Pipeline:
             if parsed is not None and isinstance(getattr(parsed, "usage", None), pydantic.BaseModel):
                 # the usage is read from the vendor's own object, off the caller's path too
                 answered_by = getattr(parsed, "model", None)
-                self._defer(
+                self._settle_later(
+                    call,
                     lambda: self._settle_seen(
-                        call, _ResponseMeta.of(response), call.adapter.from_json(call.endpoint, parsed), error=None
-                    )
+                        call,
+                        _ResponseMeta.of(response),
+                        call.adapter.from_json(call.endpoint, parsed),
+                        error=None,
+                        body=response.content,
+                    ),
                 )
             elif response.is_stream_consumed:
                 content = response.content
-                self._defer(lambda: self._settle_body(call, _ResponseMeta.of(response), content, error=None, raw=False))
+                self._settle_later(
+                    call, lambda: self._settle_body(call, _ResponseMeta.of(response), content, error=None, raw=False)
+                )
             else:
                 meta = _ResponseMeta.of(response)
                 # the callback must not hold the response: the tap's finalizer would keep it alive
                 install_tap(
                     response,
-                    lambda body, error: self._defer(lambda: self._settle_body(call, meta, body, error=error, raw=True)),
+                    lambda body, error: self._settle_later(
+                        call, lambda: self._settle_body(call, meta, body, error=error, raw=True)
+                    ),
                     is_async=is_async,
                 )
             # after the call is queued: a warning turned into an error cannot lose its row
@@ -262,8 +357,20 @@ class Pipeline:
         except Exception:
             log.exception("tokenguard: could not account for a %s call", call.endpoint.name)
 
+    def _settle_later(self, call: Call, work: Callable[[], None]) -> None:
+        """Settle off the caller's path, except a call others wait for: it settles (and so
+        fills the cache) at once, then lets them go."""
+        if call.flight is None:
+            self._defer(work)
+            return
+        try:
+            work()
+        finally:
+            self.land(call)
+
     def failed(self, call: Call, exc: BaseException) -> None:
         """Record a call that raised before any response was accounted for."""
+        self.land(call)
         if call.settled or call.observed:
             return
         call.observed = True
@@ -346,6 +453,17 @@ class Pipeline:
                 model=model,
                 request_id=meta.request_id,
             )
+            if call.cache_key is not None and exact and body and self.cache is not None:
+                if "text/event-stream" in meta.content_type:  # a refusal can sit anywhere in a stream
+                    seen = self._read(call, meta, body, want_text=True)
+                if seen.refused:
+                    return
+                # only a complete, reported, non-refused answer is worth serving again
+                self.cache.save(
+                    call.cache_key,
+                    CacheEntry(200, meta.content_type, body, usage, cost, model, self.cache.now()),
+                    call.cache_ttl_s,
+                )
         except Exception:
             log.exception("tokenguard: could not settle a %s call", call.endpoint.name)
 
@@ -424,9 +542,10 @@ class Pipeline:
         estimated: bool,
         model: str | None = None,
         request_id: str | None = None,
+        saved: Decimal | None = None,
     ) -> None:
         call.settled += 1
-        if self.budgets is not None and outcome != "blocked":
+        if self.budgets is not None and outcome not in ("blocked", "cache_hit"):
             if self._budget_batch is not None and self._batching_thread == threading.get_ident():
                 self._budget_batch.append((call.hold, call.scope, usage, cost))  # settled as one batch
             else:
@@ -449,6 +568,7 @@ class Pipeline:
             latency_s=time.perf_counter() - call.started,
             stream=call.stream,
             request_id=request_id,
+            saved_usd=saved,
         )
         self.write(row)
 

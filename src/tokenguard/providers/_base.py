@@ -45,6 +45,8 @@ class Observed:
     price_context: dict[str, str] = field(default_factory=dict)
     finished: bool = False
     error: str | None = None
+    # the model declined to answer (a refusal, a content filter): never cached
+    refused: bool = False
 
 
 class Adapter(Protocol):

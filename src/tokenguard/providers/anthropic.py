@@ -123,6 +123,7 @@ class AnthropicAdapter:
             model=model if isinstance(model, str) else None,
             price_context=_context(raw) if raw is not None else {},
             finished=True,
+            refused=field_of(data, "stop_reason") == "refusal",
         )
 
     def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
@@ -149,6 +150,8 @@ class AnthropicAdapter:
                     if isinstance(message.get("usage"), dict):
                         merged.update(message["usage"])
             elif kind == "message_delta":
+                if dig(event, "delta", "stop_reason") == "refusal":
+                    seen.refused = True
                 usage = event.get("usage")
                 if isinstance(usage, dict):
                     # cumulative counts; a null field means "unchanged"

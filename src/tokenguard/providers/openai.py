@@ -78,6 +78,20 @@ def _responses_usage(u: Any) -> Usage:
     return _usage(u, "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
 
+def _refused(endpoint: Endpoint, data: Any) -> bool:
+    """Whether the answer is a refusal or was cut by a content filter (never cached)."""
+    if endpoint is RESPONSES:
+        for item in field_of(data, "output") or ():
+            for part in field_of(item, "content") or ():
+                if field_of(part, "type") == "refusal":
+                    return True
+        return False
+    for choice in field_of(data, "choices") or ():
+        if field_of(choice, "finish_reason") == "content_filter" or field_of(field_of(choice, "message"), "refusal"):
+            return True
+    return False
+
+
 def _tier(data: Any) -> dict[str, str]:
     tier = dig(data, "service_tier")
     return {"service_tier": tier} if isinstance(tier, str) and tier else {}
@@ -161,6 +175,7 @@ class OpenAIAdapter:
             price_context=_tier(data),
             finished=True,
             error=error,
+            refused=_refused(endpoint, data),
         )
 
     def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
@@ -190,6 +205,8 @@ class OpenAIAdapter:
                 for choice in chunk.get("choices") or ():
                     if not isinstance(choice, dict):
                         continue
+                    if choice.get("finish_reason") == "content_filter" or dig(choice, "delta", "refusal"):
+                        seen.refused = True
                     if endpoint is COMPLETIONS:
                         if isinstance(choice.get("text"), str):
                             seen.text_parts.append(choice["text"])
@@ -201,6 +218,8 @@ class OpenAIAdapter:
         seen = Observed()
         for name, data in events:
             kind = name or _type_of(data)
+            if kind == "response.refusal.delta":
+                seen.refused = True
             if kind in _TEXT_EVENTS:
                 if want_text:
                     delta = dig(loads_object(data), "delta")

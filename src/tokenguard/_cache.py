@@ -1,0 +1,433 @@
+"""The response cache: identical requests are answered from a store, at no cost.
+
+Owns the configuration (``Cache``), the cache key, what is cacheable, the backends
+(diskcache on disk, a bounded in-memory LRU) and single-flight. Entries are JSON — the
+response bytes exactly as the vendor sent them, plus the usage and cost they had — never
+pickle: a shared cache directory must not become a way to run code. A hit is replayed
+through the SDK's own response processing (see ``_clients.py``), so it comes back as the
+vendor's own type: a parsed model, a ``Stream``, a raw response.
+
+A cache never makes a call worse: any backend failure (corrupt file, full disk,
+unwritable directory) is logged once and the call goes to the vendor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import diskcache
+import platformdirs
+
+from ._errors import ConfigurationError
+from ._usage import Usage
+
+__all__ = ["Cache", "CacheControl", "CacheEntry", "cache_control", "cache_key", "current_cache_control"]
+
+log = logging.getLogger("tokenguard")
+
+KEY_SCHEMA: Final = 1
+"""Bumped whenever the key's recipe changes, so old entries are never misread."""
+
+# request fields that cannot change what the model answers (everything else is in the key,
+# unknown future fields included)
+_NON_SEMANTIC: Final = frozenset(
+    {"stream_options", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+# request headers that change the answer
+_SEMANTIC_HEADERS: Final = ("anthropic-beta", "anthropic-version", "openai-beta")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """How the calls in a ``cache_control()`` block use the cache."""
+
+    bypass: bool = False
+    refresh: bool = False
+    ttl_s: float | None = None
+    always: bool = False
+
+
+_DEFAULT_CONTROL: Final = CacheControl()
+_CONTROL: ContextVar[CacheControl | None] = ContextVar("tokenguard_cache_control", default=None)
+
+
+def current_cache_control() -> CacheControl:
+    """The cache control in force in this thread / task."""
+    return _CONTROL.get() or _DEFAULT_CONTROL
+
+
+@contextmanager
+def cache_control(
+    *, bypass: bool = False, refresh: bool = False, ttl_s: float | None = None, always: bool = False
+) -> Iterator[None]:
+    """Change how the calls inside the block use the response cache (one call, or a whole scope).
+
+    ``bypass``: neither read nor write the cache. ``refresh``: do not read it, but store the
+    fresh answer. ``ttl_s``: keep what these calls store for this long. ``always``: cache
+    these calls even though they do not ask for a repeatable answer (Anthropic's API, for
+    one, has no ``temperature`` or ``seed`` to ask with).
+    """
+    if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0):
+        raise ConfigurationError("cache_control.ttl_s", ttl_s, "must be a positive number of seconds")
+    token = _CONTROL.set(
+        CacheControl(bool(bypass), bool(refresh), None if ttl_s is None else float(ttl_s), bool(always))
+    )
+    try:
+        yield
+    finally:
+        _CONTROL.reset(token)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def cache_key(
+    *,
+    vendor: str,
+    base_url: str,
+    method: str,
+    url: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    tenant: str,
+) -> str:
+    """The cache key: a hash of everything that can change the answer, and the tenant."""
+    semantic = {k: v for k, v in body.items() if k not in _NON_SEMANTIC}
+    picked = {name: headers[name] for name in _SEMANTIC_HEADERS if name in headers}
+    material = _canonical([KEY_SCHEMA, vendor, base_url.rstrip("/"), method.upper(), url, semantic, picked, tenant])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def tenant_of(*secrets: str | None) -> str:
+    """A fingerprint of the credentials (API key, organization, project): never the key itself."""
+    material = "\x00".join(s or "" for s in secrets)
+    return hashlib.sha256(("tokenguard-tenant\x00" + material).encode()).hexdigest()[:32]
+
+
+def deterministic(body: Mapping[str, Any], endpoint: str) -> bool:
+    """Whether the request asks for a repeatable answer: temperature 0, or a fixed seed;
+    embeddings always are."""
+    if endpoint == "embeddings":
+        return True
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0:
+        return True
+    return body.get("seed") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One stored response: the bytes the vendor sent, and what the original call cost."""
+
+    status: int
+    content_type: str
+    body: bytes
+    usage: Usage
+    cost_usd: Decimal | None
+    model: str
+    stored_at: float
+
+    def to_json(self) -> bytes:
+        """The stored form: zlib-compressed JSON (never pickle)."""
+        u = self.usage
+        doc = {
+            "v": KEY_SCHEMA,
+            "status": self.status,
+            "content_type": self.content_type,
+            "body": base64.b64encode(self.body).decode("ascii"),
+            "usage": [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens,
+                u.reasoning_tokens,
+            ],
+            "cost_usd": None if self.cost_usd is None else format(self.cost_usd, "f"),
+            "model": self.model,
+            "stored_at": self.stored_at,
+        }
+        return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CacheEntry:
+        """Parse the stored form; raises ``ValueError`` on anything unexpected."""
+        doc = json.loads(zlib.decompress(data))
+        if not isinstance(doc, dict) or doc.get("v") != KEY_SCHEMA:
+            raise ValueError("not a tokenguard cache entry of this version")
+        usage = doc["usage"]
+        if not (isinstance(usage, list) and len(usage) == 6):
+            raise ValueError("bad usage")
+        cost = doc.get("cost_usd")
+        return cls(
+            status=int(doc["status"]),
+            content_type=str(doc["content_type"]),
+            body=base64.b64decode(doc["body"], validate=True),
+            usage=Usage(*(int(n) for n in usage)),
+            cost_usd=None if cost is None else Decimal(str(cost)),
+            model=str(doc["model"]),
+            stored_at=float(doc["stored_at"]),
+        )
+
+
+class _Backend(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _MemoryBackend:
+    """A bounded, thread-safe LRU of byte values with a TTL each."""
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float]) -> None:
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            if item[1] <= self._clock():
+                self._pop(key)
+                return None
+            self._data.move_to_end(key)
+            return item[0]
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        with self._lock:
+            if key in self._data:
+                self._pop(key)
+            self._data[key] = (value, self._clock() + ttl_s)
+            self._bytes += len(value)
+            while self._bytes > self._max and self._data:
+                self._pop(next(iter(self._data)))
+
+    def _pop(self, key: str) -> None:
+        value, _ = self._data.pop(key)
+        self._bytes -= len(value)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            if key in self._data:
+                self._pop(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+    def close(self) -> None:
+        self.clear()
+
+
+class _JSONOnlyDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache ships no type hints
+    """diskcache storage that refuses pickle both ways: str keys and bytes values only, and a
+    stored pickle (say, planted in a shared directory) is an error, never loaded."""
+
+    def put(self, key: Any) -> Any:
+        if type(key) is not str:
+            raise TypeError("tokenguard cache keys are str")
+        return super().put(key)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise ValueError("refusing a pickled cache key")
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if type(value) is not bytes:
+            raise TypeError("tokenguard cache values are bytes")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise ValueError("refusing a pickled cache value")
+        return super().fetch(mode, filename, value, read)
+
+
+class _DiskBackend:
+    """diskcache in a directory: embedded, shared by processes, bounded, with a TTL per entry."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._cache = diskcache.Cache(
+            str(path), disk=_JSONOnlyDisk, size_limit=max_bytes, eviction_policy="least-recently-used"
+        )
+
+    def get(self, key: str) -> bytes | None:
+        value = self._cache.get(key, default=None)
+        return value if isinstance(value, bytes) else None
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._cache.set(key, value, expire=ttl_s)
+
+    def delete(self, key: str) -> None:
+        self._cache.delete(key)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+class Cache:
+    """The response cache: identical requests are answered from the cache, at $0.
+
+    Args:
+        backend: ``"disk"`` (default: diskcache in the user cache directory, shared by
+            processes), ``"memory"`` (a bounded LRU in this process), or a ``"redis://"``
+            URL (not in this release).
+        path: the disk cache's directory.
+        ttl_s: how long an entry is served.
+        max_size_mb: the cache's total size bound (least recently used entries go first).
+        max_entry_kb: responses larger than this are not stored.
+        cache_all: also cache requests that do not ask for a repeatable answer. By
+            default only deterministic requests are cached: ``temperature=0``, a fixed
+            ``seed``, and embeddings.
+        share_across_keys: serve entries to other API keys / organizations / projects
+            (off: each credential has its own entries; only a fingerprint of it is kept).
+        clock: seconds since the epoch (for tests).
+    """
+
+    def __init__(
+        self,
+        backend: str = "disk",
+        path: str | os.PathLike[str] | None = None,
+        ttl_s: float = 86_400,
+        *,
+        max_size_mb: float = 512,
+        max_entry_kb: float = 4_096,
+        cache_all: bool = False,
+        share_across_keys: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if backend not in ("disk", "memory") and not str(backend).startswith(("redis://", "rediss://")):
+            raise ConfigurationError("Cache.backend", backend, 'use "disk", "memory" or a redis:// URL')
+        if str(backend).startswith(("redis://", "rediss://")):
+            raise ConfigurationError("Cache.backend", "redis://***", "the Redis cache is not in this release yet")
+        for name, value in (("ttl_s", ttl_s), ("max_size_mb", max_size_mb), ("max_entry_kb", max_entry_kb)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"Cache.{name}", value, "must be a positive number")
+        self.backend_name = backend
+        self.ttl_s = float(ttl_s)
+        self.max_entry_bytes = int(max_entry_kb * 1024)
+        self.cache_all = bool(cache_all)
+        self.share_across_keys = bool(share_across_keys)
+        self._clock = clock
+        self._warned: set[str] = set()
+        max_bytes = int(max_size_mb * 1024 * 1024)
+        self._store: _Backend | None
+        if backend == "memory":
+            self._store = _MemoryBackend(max_bytes, clock)
+            self.path: Path | None = None
+        else:
+            self.path = Path(path).expanduser() if path else platformdirs.user_cache_path("tokenguard") / "responses"
+            try:
+                self._store = _DiskBackend(self.path, max_bytes)
+            except Exception as err:  # an unwritable directory must not fail calls: run uncached
+                self._warn(f"the response cache at {self.path} cannot be opened, so calls go uncached: {err}")
+                self._store = None
+        self._flights: dict[str, threading.Event] = {}
+        self._flights_lock = threading.Lock()
+
+    def _warn(self, message: str) -> None:
+        """Log a cache problem once per kind (a broken cache must not flood the log)."""
+        kind = message.split(":")[0]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("tokenguard: %s", message)
+
+    # -- entries ------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> CacheEntry | None:
+        """The live entry for ``key``, or ``None`` (a broken entry is dropped, never fatal)."""
+        if self._store is None:
+            return None
+        try:
+            data = self._store.get(key)
+            if data is None:
+                return None
+            return CacheEntry.from_json(data)
+        except Exception as err:
+            self._warn(f"a response cache entry could not be read and was skipped: {err}")
+            with suppress(Exception):
+                self._store.delete(key)
+            return None
+
+    def save(self, key: str, entry: CacheEntry, ttl_s: float | None = None) -> None:
+        """Store ``entry`` (too large ones are skipped); failures are logged, never raised."""
+        if self._store is None or len(entry.body) > self.max_entry_bytes:
+            return
+        try:
+            self._store.set(key, entry.to_json(), self.ttl_s if ttl_s is None else ttl_s)
+        except Exception as err:
+            self._warn(f"a response could not be stored in the cache: {err}")
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        if self._store is not None:
+            self._store.clear()
+
+    def close(self) -> None:
+        """Release the backend."""
+        if self._store is not None:
+            self._store.close()
+
+    def now(self) -> float:
+        """The cache clock."""
+        return self._clock()
+
+    # -- single flight ------------------------------------------------------------------------
+
+    def lead(self, key: str) -> threading.Event | None:
+        """Become the one caller fetching ``key`` (returns its event, set when done), or get
+        ``None`` when another caller already is (then ``wait_for`` it)."""
+        with self._flights_lock:
+            if key in self._flights:
+                return None
+            event = threading.Event()
+            self._flights[key] = event
+            return event
+
+    def follow(self, key: str) -> threading.Event | None:
+        """The event of the caller currently fetching ``key``, if any."""
+        with self._flights_lock:
+            return self._flights.get(key)
+
+    def land(self, key: str, event: threading.Event) -> None:
+        """End a flight: wake the callers waiting for it."""
+        with self._flights_lock:
+            if self._flights.get(key) is event:
+                del self._flights[key]
+        event.set()
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return f"Cache(backend={self.backend_name!r}{where}, ttl_s={self.ttl_s:g})"
