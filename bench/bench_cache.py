@@ -1,0 +1,114 @@
+"""The response cache: what a hit costs, and what a duplicate-heavy workload saves.
+
+1. Hit latency: a cached ``chat.completions.create`` (disk and memory backends) against the
+   bare SDK call over the same in-process transport, interleaved; target: median <= 0.3x.
+2. Workload: 2,000 calls drawn from 200 distinct prompts (Zipf-like: a few prompts asked
+   very often, as users and retry-happy jobs do), through a cached guard: hit rate, calls
+   that reached the API, and USD saved, read from the guard's own stats.
+
+Run: ``python bench/bench_cache.py`` (``--calls N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+
+import tokenguard
+from tokenguard.testing import FakeLLM, Reply
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_overhead import CHAT, MSGS  # the same fixed response as the overhead benchmark
+
+
+def _handler(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, content=CHAT, headers={"content-type": "application/json"})
+
+
+def _client(guard: tokenguard.Guard | None) -> Any:
+    http = httpx2.Client(transport=httpx2.MockTransport(_handler))
+    if guard is None:
+        return openai.OpenAI(api_key="sk-bench", base_url="http://bench.test/v1", http_client=http, max_retries=0)
+    return tokenguard.OpenAI(api_key="sk-bench", base_url="http://bench.test/v1", http_client=http, guard=guard)
+
+
+def hit_latency(calls: int, backend: str, directory: str) -> dict[str, float]:
+    guard = tokenguard.Guard(store="memory://", cache=tokenguard.Cache(backend=backend, path=directory))
+    bare, cached = _client(None), _client(guard)
+
+    def call(client: Any) -> Any:
+        return client.chat.completions.create(model="gpt-4o", messages=MSGS, temperature=0)
+
+    call(cached)  # the one miss
+    for _ in range(200):
+        call(bare)
+        call(cached)
+    gc.collect()
+    t_bare: list[float] = []
+    t_hit: list[float] = []
+    for i in range(calls):
+        pair = ((bare, t_bare), (cached, t_hit))
+        for client, out in pair if i % 2 == 0 else reversed(pair):
+            start = time.perf_counter()
+            call(client)
+            out.append(time.perf_counter() - start)
+    guard.flush()
+    stats = guard.stats()
+    assert stats.cache_hits >= calls, stats  # every measured guarded call was a hit
+    guard.close()
+    return {"bare_us": statistics.median(t_bare) * 1e6, "hit_us": statistics.median(t_hit) * 1e6}
+
+
+def workload(calls: int, distinct: int, directory: str) -> dict[str, Any]:
+    rng = random.Random(7)
+    weights = [1 / (rank + 1) for rank in range(distinct)]
+    prompts = rng.choices(range(distinct), weights=weights, k=calls)
+    fake = FakeLLM(Reply(input_tokens=1500, output_tokens=300))
+    guard = tokenguard.Guard(store="memory://", cache=tokenguard.Cache(backend="disk", path=directory))
+    client = fake.openai(guard=guard)
+    for prompt in prompts:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": f"question #{prompt}"}], temperature=0
+        )
+    stats = guard.stats()
+    guard.close()
+    return {
+        "calls": calls,
+        "distinct": distinct,
+        "sent": len(fake.money_requests),
+        "hits": stats.cache_hits,
+        "hit_rate": stats.cache_hit_rate,
+        "spent_usd": stats.spent_usd,
+        "saved_usd": stats.saved_usd,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000, help="measured calls per client")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{'backend':8} {'bare µs':>9} {'hit µs':>8} {'ratio':>6}")
+        for backend in ("memory", "disk"):
+            r = hit_latency(args.calls, backend, str(Path(tmp) / backend))
+            print(f"{backend:8} {r['bare_us']:9.1f} {r['hit_us']:8.1f} {r['hit_us'] / r['bare_us']:6.3f}")
+        w = workload(2000, 200, str(Path(tmp) / "workload"))
+        print(
+            f"\nworkload: {w['calls']} calls, {w['distinct']} distinct prompts -> {w['sent']} sent to the API, "
+            f"{w['hits']} hits ({w['hit_rate']:.1%}); spent ${w['spent_usd']}, saved ${w['saved_usd']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
