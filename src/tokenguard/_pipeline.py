@@ -453,7 +453,8 @@ class Pipeline:
                 model=model,
                 request_id=meta.request_id,
             )
-            if call.cache_key is not None and exact and body and self.cache is not None:
+            # a finished answer is stored (a stream that carried no usage, with its estimated cost)
+            if call.cache_key is not None and outcome == "ok" and body and self.cache is not None:
                 if "text/event-stream" in meta.content_type:  # a refusal can sit anywhere in a stream
                     seen = self._read(call, meta, body, want_text=True)
                 if seen.refused:
