@@ -44,10 +44,9 @@ KEY_SCHEMA: Final = 1
 """Bumped whenever the key's recipe changes, so old entries are never misread."""
 
 # request fields that cannot change what the model answers (everything else is in the key,
-# unknown future fields included)
-_NON_SEMANTIC: Final = frozenset(
-    {"stream_options", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
-)
+# unknown future fields included). stream_options stays in: it changes what a replayed stream
+# yields (the usage-only chunk).
+_NON_SEMANTIC: Final = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # request headers that change the answer
 _SEMANTIC_HEADERS: Final = ("anthropic-beta", "anthropic-version", "openai-beta")
 
@@ -93,8 +92,19 @@ def cache_control(
         _CONTROL.reset(token)
 
 
+def _normal(value: Any) -> Any:
+    """``value`` with whole floats as ints, so ``temperature=0`` and ``0.0`` key alike."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    return value
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(_normal(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def cache_key(
@@ -106,11 +116,14 @@ def cache_key(
     body: Mapping[str, Any],
     headers: Mapping[str, str],
     tenant: str,
+    query: Mapping[str, Any] | None = None,
 ) -> str:
     """The cache key: a hash of everything that can change the answer, and the tenant."""
     semantic = {k: v for k, v in body.items() if k not in _NON_SEMANTIC}
     picked = {name: headers[name] for name in _SEMANTIC_HEADERS if name in headers}
-    material = _canonical([KEY_SCHEMA, vendor, base_url.rstrip("/"), method.upper(), url, semantic, picked, tenant])
+    material = _canonical(
+        [KEY_SCHEMA, vendor, base_url.rstrip("/"), method.upper(), url, semantic, picked, tenant, query or {}]
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -99,8 +99,9 @@ class _GuardedBase:
 
     with_options = copy
 
-    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str]]:
-        """What the cache key needs from the client: base URL, a credential fingerprint, headers."""
+    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+        """What the cache key needs from the client: base URL, a credential fingerprint, headers,
+        query parameters."""
         secrets = []
         for name in ("api_key", "auth_token", "organization", "project", "_azure_ad_token"):
             value = getattr(self, name, None)
@@ -108,7 +109,8 @@ class _GuardedBase:
         headers = {k.lower(): v for k, v in (options.headers or {}).items() if isinstance(v, str)}
         custom = getattr(self, "_custom_headers", None) or {}
         headers.update({k.lower(): v for k, v in custom.items() if isinstance(v, str) and k.lower() not in headers})
-        return str(getattr(self, "base_url", "")), tenant_of(*secrets), headers
+        query = {**(getattr(self, "_custom_query", None) or {}), **(options.params or {})}
+        return str(getattr(self, "base_url", "")), tenant_of(*secrets), headers, query
 
     def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
         """The stored answer as an HTTP response to this very request (so raw-response and
@@ -144,8 +146,8 @@ class _SyncGuarded(_GuardedBase):
         if call is None:
             return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         while call.waiting is not None:  # an identical call is in flight: its answer will be ours
-            call.waiting.wait(_FLIGHT_WAIT_S)
-            call = pipeline.resume(call)
+            landed = call.waiting.wait(_FLIGHT_WAIT_S)
+            call = pipeline.resume(call, gave_up=not landed)
         if call.cache_entry is not None:
             response = self._tg_replay_response(call, options)
             return parent._process_response(  # type: ignore[attr-defined]
@@ -198,8 +200,8 @@ class _AsyncGuarded(_GuardedBase):
         if call is None:
             return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
         while call.waiting is not None:  # an identical call is in flight: its answer will be ours
-            await asyncio.to_thread(call.waiting.wait, _FLIGHT_WAIT_S)
-            call = pipeline.resume(call)
+            landed = await asyncio.to_thread(call.waiting.wait, _FLIGHT_WAIT_S)
+            call = pipeline.resume(call, gave_up=not landed)
         if call.cache_entry is not None:
             response = self._tg_replay_response(call, options)
             return await parent._process_response(  # type: ignore[attr-defined]

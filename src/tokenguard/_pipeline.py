@@ -176,7 +176,7 @@ class Pipeline:
         url: str,
         body: Any,
         stream: bool,
-        cache_context: Callable[[], tuple[str, str, Mapping[str, str]]] | None = None,
+        cache_context: Callable[[], tuple[str, str, Mapping[str, str], Mapping[str, Any]]] | None = None,
     ) -> Call | None:
         """Start a call, or return ``None`` for a request that costs nothing (it passes untouched).
 
@@ -204,7 +204,7 @@ class Pipeline:
             control = current_cache_control()
             wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
             if not control.bypass and wanted:
-                base_url, tenant, headers = cache_context()
+                base_url, tenant, headers, query = cache_context()
                 call.cache_key = cache_key(
                     vendor=adapter.vendor,
                     base_url=base_url,
@@ -213,15 +213,20 @@ class Pipeline:
                     body={**body, "stream": call.stream},
                     headers=headers,
                     tenant="shared" if self.cache.share_across_keys else tenant,
+                    query=query,
                 )
                 call.cache_ttl_s = control.ttl_s
                 if not control.refresh:
                     return self.resume(call)
-                call.flight = self.cache.lead(call.cache_key)
+                if not call.stream:
+                    call.flight = self.cache.lead(call.cache_key)
         return self._admit(call)
 
-    def resume(self, call: Call) -> Call:
-        """Look the call up in the cache (again, after waiting): answered, waiting or admitted."""
+    def resume(self, call: Call, *, gave_up: bool = False) -> Call:
+        """Look the call up in the cache (again, after waiting): answered, waiting or admitted.
+
+        ``gave_up``: the wait for an identical call timed out; go ahead without it.
+        """
         assert self.cache is not None
         assert call.cache_key is not None
         call.waiting = None
@@ -229,6 +234,10 @@ class Pipeline:
         if entry is not None:
             call.cache_entry = entry
             return call
+        if gave_up or call.stream:
+            # streams do not share flights: a stream lands only when read to its end, which
+            # may be never (or only after this very thread opens its twin)
+            return self._admit(call)
         call.flight = self.cache.lead(call.cache_key)
         if call.flight is None:
             waiting = self.cache.follow(call.cache_key)
@@ -358,9 +367,10 @@ class Pipeline:
             log.exception("tokenguard: could not account for a %s call", call.endpoint.name)
 
     def _settle_later(self, call: Call, work: Callable[[], None]) -> None:
-        """Settle off the caller's path, except a call others wait for: it settles (and so
-        fills the cache) at once, then lets them go."""
-        if call.flight is None:
+        """Settle off the caller's path, except a call whose answer goes into the cache: it
+        settles (and so stores its answer) at once, then lets any identical calls waiting for
+        it go, so that the next identical call is already a hit."""
+        if call.flight is None and call.cache_key is None:
             self._defer(work)
             return
         try:
