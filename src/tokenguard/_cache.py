@@ -13,6 +13,7 @@ unwritable directory) is logged once and the call goes to the vendor.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -44,8 +45,7 @@ KEY_SCHEMA: Final = 1
 """Bumped whenever the key's recipe changes, so old entries are never misread."""
 
 # request fields that cannot change what the model answers (everything else is in the key,
-# unknown future fields included). stream_options stays in: it changes what a replayed stream
-# yields (the usage-only chunk).
+# unknown future fields included); stream_options: see _key_body
 _NON_SEMANTIC: Final = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # request headers that change the answer
 _SEMANTIC_HEADERS: Final = ("anthropic-beta", "anthropic-version", "openai-beta")
@@ -107,6 +107,25 @@ def _canonical(value: Any) -> str:
     return json.dumps(_normal(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _who() -> tuple[int, int]:
+    """This thread, and this asyncio task if one is running (tasks share a thread)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return threading.get_ident(), id(task) if task is not None else 0
+
+
+def _key_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body as the key sees it: the non-semantic fields dropped, and of stream_options
+    only ``include_usage``, which changes what a replayed stream yields (a usage chunk)."""
+    semantic = {k: v for k, v in body.items() if k not in _NON_SEMANTIC}
+    options = semantic.pop("stream_options", None)
+    if body.get("stream") and isinstance(options, Mapping) and options.get("include_usage"):
+        semantic["stream_options"] = {"include_usage": True}
+    return semantic
+
+
 def cache_key(
     *,
     vendor: str,
@@ -119,7 +138,7 @@ def cache_key(
     query: Mapping[str, Any] | None = None,
 ) -> str:
     """The cache key: a hash of everything that can change the answer, and the tenant."""
-    semantic = {k: v for k, v in body.items() if k not in _NON_SEMANTIC}
+    semantic = _key_body(body)
     picked = {name: headers[name] for name in _SEMANTIC_HEADERS if name in headers}
     material = _canonical(
         [KEY_SCHEMA, vendor, base_url.rstrip("/"), method.upper(), url, semantic, picked, tenant, query or {}]
@@ -367,7 +386,7 @@ class Cache:
             except Exception as err:  # an unwritable directory must not fail calls: run uncached
                 self._warn(f"the response cache at {self.path} cannot be opened, so calls go uncached: {err}")
                 self._store = None
-        self._flights: dict[str, threading.Event] = {}
+        self._flights: dict[str, tuple[threading.Event, tuple[int, int]]] = {}
         self._flights_lock = threading.Lock()
 
     def _warn(self, message: str) -> None:
@@ -421,23 +440,28 @@ class Cache:
 
     def lead(self, key: str) -> threading.Event | None:
         """Become the one caller fetching ``key`` (returns its event, set when done), or get
-        ``None`` when another caller already is (then ``wait_for`` it)."""
+        ``None`` when another caller already is (then ``follow`` it)."""
         with self._flights_lock:
             if key in self._flights:
                 return None
             event = threading.Event()
-            self._flights[key] = event
+            self._flights[key] = (event, _who())
             return event
 
     def follow(self, key: str) -> threading.Event | None:
-        """The event of the caller currently fetching ``key``, if any."""
+        """The event of the caller currently fetching ``key`` — unless that caller is this
+        very thread (or asyncio task), which cannot finish while it waits: then ``None``."""
         with self._flights_lock:
-            return self._flights.get(key)
+            flight = self._flights.get(key)
+        if flight is None or flight[1] == _who():
+            return None
+        return flight[0]
 
     def land(self, key: str, event: threading.Event) -> None:
         """End a flight: wake the callers waiting for it."""
         with self._flights_lock:
-            if self._flights.get(key) is event:
+            flight = self._flights.get(key)
+            if flight is not None and flight[0] is event:
                 del self._flights[key]
         event.set()
 

@@ -218,8 +218,7 @@ class Pipeline:
                 call.cache_ttl_s = control.ttl_s
                 if not control.refresh:
                     return self.resume(call)
-                if not call.stream:
-                    call.flight = self.cache.lead(call.cache_key)
+                call.flight = self.cache.lead(call.cache_key)
         return self._admit(call)
 
     def resume(self, call: Call, *, gave_up: bool = False) -> Call:
@@ -234,9 +233,7 @@ class Pipeline:
         if entry is not None:
             call.cache_entry = entry
             return call
-        if gave_up or call.stream:
-            # streams do not share flights: a stream lands only when read to its end, which
-            # may be never (or only after this very thread opens its twin)
+        if gave_up:
             return self._admit(call)
         call.flight = self.cache.lead(call.cache_key)
         if call.flight is None:
