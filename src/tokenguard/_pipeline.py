@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -609,44 +609,6 @@ class Pipeline:
 
 
 _META_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id", b"request-id"})
-
-
-_META_HEADERS = frozenset({b"content-type", b"content-encoding", b"x-request-id", b"request-id"})
-
-
-class ModelView(Mapping[str, Any]):
-    """A read-only mapping over a vendor's pydantic model, so adapters read parsed responses
-    and JSON alike (nested models and lists of them are viewed the same way)."""
-
-    __slots__ = ("_model",)
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            value = getattr(self._model, key)
-        except AttributeError:
-            raise KeyError(key) from None
-        return _view(value)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self._model, key, default)
-        return value if value is default else _view(value)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._model.model_fields_set | set(type(self._model).model_fields))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _view(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return ModelView(value)
-    if isinstance(value, list) and value and isinstance(value[0], pydantic.BaseModel):
-        return [_view(v) for v in value]
-    return value
 
 
 def _drain_loop(
