@@ -61,6 +61,11 @@ def _check_guard(guard: object) -> Guard | None:
 _UNSET = (openai.Omit, openai.NotGiven, anthropic.Omit, anthropic.NotGiven)
 
 
+def _given_headers(options: Any) -> dict[str, str]:
+    """The per-call headers, without the SDK's placeholders for headers it will omit."""
+    return {k: v for k, v in (options.headers or {}).items() if isinstance(v, str)}
+
+
 def _body(options: Any) -> Any:
     """The JSON body the SDK will send: given fields and ``extra_body``, without placeholders."""
     body = options.json_data
@@ -106,7 +111,7 @@ class _GuardedBase:
         for name in ("api_key", "auth_token", "organization", "project", "_azure_ad_token"):
             value = getattr(self, name, None)
             secrets.append(value if isinstance(value, str) else "")
-        headers = {k.lower(): v for k, v in (options.headers or {}).items() if isinstance(v, str)}
+        headers = {k.lower(): v for k, v in _given_headers(options).items()}
         custom = getattr(self, "_custom_headers", None) or {}
         headers.update({k.lower(): v for k, v in custom.items() if isinstance(v, str) and k.lower() not in headers})
         query = {**(getattr(self, "_custom_query", None) or {}), **(options.params or {})}
@@ -119,7 +124,7 @@ class _GuardedBase:
         assert entry is not None
         # the SDK reads only the method, URL and its own marker headers (raw / streamed response)
         # of the request behind a response: a light one will do, no body, no auth
-        headers = {k: v for k, v in (options.headers or {}).items() if isinstance(v, str)}
+        headers = _given_headers(options)
         url = str(getattr(self, "base_url", "")).rstrip("/") + "/" + str(options.url).lstrip("/")
         request = httpx2.Request(str(options.method).upper(), url, headers=headers)
         self.guard.pipeline.record_hit(call)
