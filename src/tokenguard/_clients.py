@@ -15,6 +15,7 @@ The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -26,6 +27,7 @@ import openai
 from ._cache import tenant_of
 from ._errors import ConfigurationError
 from ._guard import Guard, default_guard
+from ._hot import HotPath, install, learning
 from ._pipeline import Call
 from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
 
@@ -85,10 +87,12 @@ class _GuardedBase:
 
     _tg_guard: Guard | None
     _tg_adapter: Adapter
+    _tg_hot: HotPath
 
     def _tg_setup(self, guard: Guard | None) -> None:
         self._tg_guard = guard
         self._tg_adapter = _adapter_for(self)
+        self._tg_hot = HotPath()
 
     @property
     def guard(self) -> Guard:
@@ -104,24 +108,34 @@ class _GuardedBase:
 
     with_options = copy
 
-    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str], dict[str, Any]]:
-        """What the cache key needs from the client: base URL, a credential fingerprint, headers,
-        query parameters."""
+    def _tg_client_context(self) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+        """What the cache key needs from the client itself: base URL, a credential fingerprint,
+        default headers, default query parameters."""
         secrets = []
         for name in ("api_key", "auth_token", "organization", "project", "_azure_ad_token"):
             value = getattr(self, name, None)
             secrets.append(value if isinstance(value, str) else "")
-        headers = {k.lower(): v for k, v in _given_headers(options).items()}
         custom = getattr(self, "_custom_headers", None) or {}
-        headers.update({k.lower(): v for k, v in custom.items() if isinstance(v, str) and k.lower() not in headers})
-        query = {**(getattr(self, "_custom_query", None) or {}), **(options.params or {})}
+        headers = {k.lower(): v for k, v in custom.items() if isinstance(v, str)}
+        query = dict(getattr(self, "_custom_query", None) or {})
         return str(getattr(self, "base_url", "")), tenant_of(*secrets), headers, query
+
+    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+        """What the cache key needs from the client and this request's options (per-call
+        headers and query parameters win over the client's)."""
+        base_url, tenant, headers, query = self._tg_client_context()
+        headers.update({k.lower(): v for k, v in _given_headers(options).items()})
+        query.update(options.params or {})
+        return base_url, tenant, headers, query
 
     def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
         """The stored answer as an HTTP response to this very request (so raw-response and
         stream callers get exactly what a live answer would give them)."""
         entry = call.cache_entry
         assert entry is not None
+        taught = learning.get()
+        if taught is not None and not call.stream:  # the hot path may answer the next repeat
+            taught.call = call
         # the SDK reads only the method, URL and its own marker headers (raw / streamed response)
         # of the request behind a response: a light one will do, no body, no auth
         headers = _given_headers(options)
@@ -244,7 +258,49 @@ class _AsyncGuarded(_GuardedBase):
         return result
 
 
-class OpenAI(_SyncGuarded, openai.OpenAI):
+class _OpenAIResources:
+    """The hot path (``_hot.py``) in front of the plain ``create`` methods of an OpenAI client."""
+
+    @functools.cached_property
+    def chat(self) -> Any:
+        chat = super().chat  # type: ignore[misc]
+        install(self, chat.completions, "chat.completions.create", "chat.completions", is_async=_is_async(self))
+        return chat
+
+    @functools.cached_property
+    def responses(self) -> Any:
+        responses = super().responses  # type: ignore[misc]
+        install(self, responses, "responses.create", "responses", is_async=_is_async(self))
+        return responses
+
+    @functools.cached_property
+    def completions(self) -> Any:
+        completions = super().completions  # type: ignore[misc]
+        install(self, completions, "completions.create", "completions", is_async=_is_async(self))
+        return completions
+
+    @functools.cached_property
+    def embeddings(self) -> Any:
+        embeddings = super().embeddings  # type: ignore[misc]
+        install(self, embeddings, "embeddings.create", "embeddings", is_async=_is_async(self))
+        return embeddings
+
+
+class _AnthropicResources:
+    """The hot path (``_hot.py``) in front of ``messages.create`` of an Anthropic client."""
+
+    @functools.cached_property
+    def messages(self) -> Any:
+        messages = super().messages  # type: ignore[misc]
+        install(self, messages, "messages.create", "messages", is_async=_is_async(self))
+        return messages
+
+
+def _is_async(client: object) -> bool:
+    return isinstance(client, _AsyncGuarded)
+
+
+class OpenAI(_SyncGuarded, _OpenAIResources, openai.OpenAI):
     """``openai.OpenAI`` with every money-spending call accounted for by a tokenguard ``Guard``.
 
     Takes every ``openai.OpenAI`` argument unchanged, plus ``guard=`` (default: the
@@ -252,19 +308,19 @@ class OpenAI(_SyncGuarded, openai.OpenAI):
     """
 
 
-class AsyncOpenAI(_AsyncGuarded, openai.AsyncOpenAI):
+class AsyncOpenAI(_AsyncGuarded, _OpenAIResources, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` guarded by tokenguard (see ``tokenguard.OpenAI``)."""
 
 
-class AzureOpenAI(_SyncGuarded, openai.AzureOpenAI):
+class AzureOpenAI(_SyncGuarded, _OpenAIResources, openai.AzureOpenAI):
     """``openai.AzureOpenAI`` guarded by tokenguard; priced with genai-prices' Azure prices."""
 
 
-class AsyncAzureOpenAI(_AsyncGuarded, openai.AsyncAzureOpenAI):
+class AsyncAzureOpenAI(_AsyncGuarded, _OpenAIResources, openai.AsyncAzureOpenAI):
     """``openai.AsyncAzureOpenAI`` guarded by tokenguard."""
 
 
-class Anthropic(_SyncGuarded, anthropic.Anthropic):
+class Anthropic(_SyncGuarded, _AnthropicResources, anthropic.Anthropic):
     """``anthropic.Anthropic`` with every money-spending call accounted for by a tokenguard ``Guard``.
 
     Takes every ``anthropic.Anthropic`` argument unchanged (``middleware=`` included),
@@ -272,7 +328,7 @@ class Anthropic(_SyncGuarded, anthropic.Anthropic):
     """
 
 
-class AsyncAnthropic(_AsyncGuarded, anthropic.AsyncAnthropic):
+class AsyncAnthropic(_AsyncGuarded, _AnthropicResources, anthropic.AsyncAnthropic):
     """``anthropic.AsyncAnthropic`` guarded by tokenguard."""
 
 
@@ -310,7 +366,8 @@ def _guarded_class(cls: type) -> type:
                     "tokenguard.wrap() takes an openai.OpenAI/AsyncOpenAI/AzureOpenAI/AsyncAzureOpenAI "
                     "or anthropic.Anthropic/AsyncAnthropic client (or a subclass)",
                 )
-            derived = type(f"Guarded{cls.__name__}", (shell, cls), {"__module__": __name__})
+            resources = _OpenAIResources if issubclass(cls, openai.OpenAI | openai.AsyncOpenAI) else _AnthropicResources
+            derived = type(f"Guarded{cls.__name__}", (shell, resources, cls), {"__module__": __name__})
             _derived[cls] = derived
         return derived
 

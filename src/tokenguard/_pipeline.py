@@ -291,6 +291,24 @@ class Pipeline:
             )
         )
 
+    def record_repeat(self, like: Call, entry: CacheEntry) -> None:
+        """A repeat of the answered call ``like``, served from ``entry`` without reaching the
+        SDK's request path (the clients' hot path): the same row a hit makes."""
+        self.record_hit(
+            Call(
+                adapter=like.adapter,
+                endpoint=like.endpoint,
+                body=like.body,
+                model=like.model,
+                stream=like.stream,
+                scope=current_scope(),
+                ts=self._now(),
+                started=time.perf_counter(),
+                cache_key=like.cache_key,
+                cache_entry=entry,
+            )
+        )
+
     def _block(self, call: Call, reason: str) -> None:
         def record() -> None:
             try:
