@@ -25,8 +25,9 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 def guard() -> tokenguard.Guard:
-    """A guard with an in-memory ledger."""
-    return tokenguard.Guard(store="memory://")
+    """A guard with an in-memory ledger, and no retries: a scripted failure reaches the test as
+    it would from one request (retrying is tested in test_retry.py)."""
+    return tokenguard.Guard(store="memory://", retry=False)
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tokenguard
 @pytest.fixture
 def cguard(cache: tokenguard.Cache) -> tokenguard.Guard:
     """A guard with an in-memory ledger and the parametrized response cache."""
-    return tokenguard.Guard(store="memory://", cache=cache)
+    return tokenguard.Guard(store="memory://", cache=cache, retry=False)
 
 
 def chat(client: Any, **kw: Any) -> Any:

@@ -85,10 +85,10 @@ def mixed_rows() -> list[LedgerRow]:
         make_row(0, usage=Usage(1000, 200, 300, 100, 50, 80), cost=Decimal("0.00123"), scope={"user": "a"}),
         make_row(1, outcome="error", error="RateLimitError", attempts=3, cost=Decimal(0), scope={"user": "b"}),
         make_row(2, outcome="incomplete", estimated=True, usage=Usage(50, 7), cost=Decimal("0.0000091")),
-        make_row(3, outcome="cache_hit", cost=Decimal(0), saved_usd=Decimal("0.0042"), scope={"user": "a"}),
-        make_row(4, outcome="blocked", error="loop", cost=None, usage=Usage(10, 0)),
-        make_row(5, outcome="blocked", error="budget", cost=None, scope={"user": "a", "team": "x"}),
-        make_row(6, outcome="blocked", error="unpriced", cost=None),
+        make_row(3, outcome="cache_hit", attempts=0, cost=Decimal(0), saved_usd=Decimal("0.0042"), scope={"user": "a"}),
+        make_row(4, outcome="blocked", error="loop", attempts=0, cost=None, usage=Usage(10, 0)),
+        make_row(5, outcome="blocked", error="budget", attempts=0, cost=None, scope={"user": "a", "team": "x"}),
+        make_row(6, outcome="blocked", error="unpriced", attempts=0, cost=None),
         make_row(7, model="private-llm", cost=None, usage=Usage(40, 4), attempts=2),  # ok but unpriced
         make_row(8, outcome="incomplete", cost=None, estimated=True, usage=Usage(9, 1)),  # incomplete, unpriced
         make_row(9, attempts=2, stream=True, request_id="req_1", latency_s=1.25, scope={"user": "b", "team": "x"}),
@@ -269,6 +269,7 @@ class TestStoreContract:
             cache_hits=1,
             saved_usd=Decimal("0.0042"),
             retries=2 + 1 + 1,
+            attempts=1 + 3 + 1 + 2 + 1 + 2 + 1,  # HTTP requests: none for a hit or a block
             loops_blocked=1,
             budget_blocks=1,
             input_tokens=1000 + 50 + 10 + 40 + 9,

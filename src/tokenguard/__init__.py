@@ -11,6 +11,7 @@ from ._cache import Cache, cache_control
 from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
 from ._errors import (
     BudgetExceeded,
+    CircuitOpen,
     ConfigurationError,
     LoopDetected,
     StoreUnavailable,
@@ -22,6 +23,7 @@ from ._errors import (
 from ._guard import Guard, default_guard, set_default_guard
 from ._ledger import LedgerRow, Stats, Store
 from ._pricing import register_price
+from ._retry import CircuitBreaker, Retry
 from ._scope import current_scope, scope
 from ._usage import Usage
 
@@ -38,11 +40,14 @@ __all__ = [
     "BudgetExceeded",
     "BudgetStatus",
     "Cache",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ConfigurationError",
     "Guard",
     "LedgerRow",
     "LoopDetected",
     "OpenAI",
+    "Retry",
     "SpendRate",
     "Stats",
     "Store",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -28,7 +29,8 @@ from ._cache import tenant_of
 from ._errors import ConfigurationError
 from ._guard import Guard, default_guard
 from ._hot import HotPath, install, learning
-from ._pipeline import Call
+from ._pipeline import Call, Pipeline
+from ._retry import Attempts, Retrier, Verdict, bounded_timeout
 from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "OpenAI",
     "wrap",
 ]
+
+log = logging.getLogger("tokenguard")
 
 # the call whose HTTP response the SDK is processing in this thread / task
 _ACTIVE: ContextVar[Call | None] = ContextVar("tokenguard_active_call", default=None)
@@ -80,6 +84,25 @@ def _body(options: Any) -> Any:
 
 
 _FLIGHT_WAIT_S = 120.0  # the longest an identical call waits for another's answer
+_warned_max_retries = False
+
+
+def _no_vendor_retries(kwargs: dict[str, Any]) -> None:
+    """Force the SDK's own retries off (tokenguard retries); say so once if they were asked for."""
+    global _warned_max_retries
+    asked = kwargs.get("max_retries")
+    if isinstance(asked, int) and asked > 0 and not _warned_max_retries:
+        _warned_max_retries = True
+        log.warning(
+            "tokenguard: max_retries=%d is not used: a guarded client's SDK retries are off and "
+            "tokenguard retries instead (Guard(retry=tokenguard.Retry(attempts=...)))",
+            asked,
+        )
+    kwargs["max_retries"] = 0
+
+
+def _nothing(*args: Any) -> None:
+    return None
 
 
 class _GuardedBase:
@@ -101,7 +124,7 @@ class _GuardedBase:
 
     def copy(self, *args: Any, **kwargs: Any) -> Any:
         """The vendor's ``copy()``, keeping this client's guard (vendor retries stay off)."""
-        kwargs["max_retries"] = 0
+        _no_vendor_retries(kwargs)
         new = super().copy(*args, **kwargs)  # type: ignore[misc]
         new._tg_guard = self._tg_guard
         return new
@@ -128,6 +151,44 @@ class _GuardedBase:
         query.update(options.params or {})
         return base_url, tenant, headers, query
 
+    def _tg_attempts(self, pipeline: Pipeline, call: Call | None, options: Any) -> tuple[Attempts, Any]:
+        """The retry hooks of one call, and its options with an idempotency key that every
+        attempt reuses (so that a vendor that honours it does the work once)."""
+        vendor = self._tg_adapter.vendor
+        if options.idempotency_key is None and str(options.method).lower() != "get":
+            options = options.model_copy()
+            options.idempotency_key = self._idempotency_key()  # type: ignore[attr-defined]
+        target = Retrier.target(vendor, str(getattr(self, "base_url", "")), call.model if call is not None else "")
+        replayable = options.files is None
+        if call is None:
+            return Attempts(target, f"{vendor} {options.url}", _nothing, _nothing, replayable), options
+
+        def before_attempt(number: int, left: float | None) -> None:
+            if number > 1:
+                pipeline.readmit(call)
+
+        def after_failure(exc: BaseException, verdict: Verdict) -> None:
+            pipeline.retrying(call, billed=verdict.billed)
+
+        what = f"{vendor} {call.endpoint.name} ({call.model})"
+        return Attempts(target, what, before_attempt, after_failure, replayable), options
+
+    def _tg_attempt_options(self, options: Any, number: int, left: float | None) -> Any:
+        """This attempt's options: the retry count the SDK reports in a header, and HTTP
+        timeouts no longer than what the deadline leaves."""
+        if number == 1 and left is None:
+            return options
+        options = options.model_copy()
+        if number > 1:
+            headers = dict(options.headers) if isinstance(options.headers, dict) else {}
+            headers["x-stainless-retry-count"] = str(number - 1)
+            options.headers = headers
+        if left is not None:
+            given = options.timeout
+            timeout = given if isinstance(given, float | int | httpx2.Timeout) or given is None else self.timeout  # type: ignore[attr-defined]
+            options.timeout = bounded_timeout(timeout, left)
+        return options
+
     def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
         """The stored answer as an HTTP response to this very request (so raw-response and
         stream callers get exactly what a live answer would give them)."""
@@ -152,7 +213,7 @@ class _GuardedBase:
 
 class _SyncGuarded(_GuardedBase):
     def __init__(self, *args: Any, guard: Guard | None = None, **kwargs: Any) -> None:
-        kwargs["max_retries"] = 0
+        _no_vendor_retries(kwargs)
         super().__init__(*args, **kwargs)
         self._tg_setup(_check_guard(guard))
 
@@ -162,8 +223,17 @@ class _SyncGuarded(_GuardedBase):
         context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
         call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
         parent = super()
-        if call is None:
-            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+        retrier = pipeline.retrier
+        if call is None:  # costs nothing: retried, not accounted
+            if retrier is None:
+                return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            attempts, options = self._tg_attempts(pipeline, None, options)
+            return retrier.run(
+                attempts,
+                lambda number, left: parent.request(  # type: ignore[attr-defined]
+                    cast_to, self._tg_attempt_options(options, number, left), stream=stream, stream_cls=stream_cls
+                ),
+            )
         while call.waiting is not None:  # an identical call is in flight: its answer will be ours
             landed = call.waiting.wait(_FLIGHT_WAIT_S)
             call = pipeline.resume(call, gave_up=not landed)
@@ -179,7 +249,18 @@ class _SyncGuarded(_GuardedBase):
             )
         token = _ACTIVE.set(call)
         try:
-            return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            if retrier is None:
+                pipeline.sending(call)
+                return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            attempts, options = self._tg_attempts(pipeline, call, options)
+
+            def send(number: int, left: float | None) -> Any:
+                pipeline.sending(call)
+                return parent.request(  # type: ignore[attr-defined]
+                    cast_to, self._tg_attempt_options(options, number, left), stream=stream, stream_cls=stream_cls
+                )
+
+            return retrier.run(attempts, send)
         except BaseException as exc:
             pipeline.failed(call, exc)
             raise
@@ -206,7 +287,7 @@ class _SyncGuarded(_GuardedBase):
 
 class _AsyncGuarded(_GuardedBase):
     def __init__(self, *args: Any, guard: Guard | None = None, **kwargs: Any) -> None:
-        kwargs["max_retries"] = 0
+        _no_vendor_retries(kwargs)
         super().__init__(*args, **kwargs)
         self._tg_setup(_check_guard(guard))
 
@@ -216,8 +297,17 @@ class _AsyncGuarded(_GuardedBase):
         context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
         call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
         parent = super()
-        if call is None:
-            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+        retrier = pipeline.retrier
+        if call is None:  # costs nothing: retried, not accounted
+            if retrier is None:
+                return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            attempts, options = self._tg_attempts(pipeline, None, options)
+            return await retrier.run_async(
+                attempts,
+                lambda number, left: parent.request(  # type: ignore[attr-defined]
+                    cast_to, self._tg_attempt_options(options, number, left), stream=stream, stream_cls=stream_cls
+                ),
+            )
         while call.waiting is not None:  # an identical call is in flight: its answer will be ours
             landed = await asyncio.to_thread(call.waiting.wait, _FLIGHT_WAIT_S)
             call = pipeline.resume(call, gave_up=not landed)
@@ -233,7 +323,18 @@ class _AsyncGuarded(_GuardedBase):
             )
         token = _ACTIVE.set(call)
         try:
-            return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            if retrier is None:
+                pipeline.sending(call)
+                return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
+            attempts, options = self._tg_attempts(pipeline, call, options)
+
+            async def send(number: int, left: float | None) -> Any:
+                pipeline.sending(call)
+                return await parent.request(  # type: ignore[attr-defined]
+                    cast_to, self._tg_attempt_options(options, number, left), stream=stream, stream_cls=stream_cls
+                )
+
+            return await retrier.run_async(attempts, send)
         except BaseException as exc:
             pipeline.failed(call, exc)
             raise

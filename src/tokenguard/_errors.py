@@ -7,6 +7,7 @@ The tree::
     │   └── StoreUnavailable        the ledger store cannot be opened or written
     ├── UnpricedModelError          a model with no known price where a price is required
     ├── BudgetExceeded              a cap refused the call before it was sent
+    ├── CircuitOpen                 an endpoint failing again and again is resting; nothing was sent
     └── LoopDetected                the same request repeated too often in the window
 
     TokenguardWarning               base of tokenguard's warnings
@@ -26,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "BudgetExceeded",
+    "CircuitOpen",
     "ConfigurationError",
     "LoopDetected",
     "StoreUnavailable",
@@ -116,6 +118,26 @@ def _plain(amount: Decimal) -> str:
     """A Decimal without exponent or trailing zeros: 0.0100 -> 0.01, 0E-8 -> 0."""
     text = format(amount.normalize(), "f")
     return text
+
+
+class CircuitOpen(TokenguardError):
+    """Calls to this vendor, base URL and model failed ``failures`` times in a row; for the
+    breaker's cool-down, calls to them fail fast with this error instead of being sent.
+
+    ``target`` is ``(vendor, base_url, model)``, ``retry_in_s`` the time until a trial call
+    is let through, ``last_error`` the vendor error that opened the circuit (by name).
+    """
+
+    def __init__(self, *, target: tuple[str, str, str], failures: int, retry_in_s: float, last_error: str) -> None:
+        self.target = target
+        self.failures = failures
+        self.retry_in_s = retry_in_s
+        self.last_error = last_error
+        vendor, base_url, model = target
+        super().__init__(
+            f"circuit open for {vendor} model {model!r} at {base_url}: {failures} failures in a row "
+            f"(last: {last_error}); nothing was sent. A trial call goes through in {retry_in_s:.1f}s"
+        )
 
 
 class LoopDetected(TokenguardError):

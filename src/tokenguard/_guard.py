@@ -22,6 +22,7 @@ from ._ledger import LedgerRow, Stats, Store
 from ._periods import period_start
 from ._pipeline import Pipeline
 from ._pricing import PriceBook
+from ._retry import Retrier, Retry
 from ._scope import validate_scope
 from .stores import open_store
 
@@ -42,6 +43,10 @@ class Guard:
             directory), a ``tokenguard.Cache(...)``, or ``False`` (default) for none. Only
             repeatable requests (``temperature=0``, a fixed ``seed``, embeddings) are cached
             unless ``Cache(cache_all=True)``.
+        retry: ``True`` (default) for ``tokenguard.Retry()`` — up to 4 attempts, backoff from
+            0.5 s to 30 s, a 120 s deadline, a 20% retry budget — a ``tokenguard.Retry(...)``,
+            or ``False`` to never retry. The vendor SDK's own retries are always off in a
+            guarded client, so attempts never multiply (see docs/retry.md).
         budgets: ``Budget`` and ``SpendRate`` caps; a call is sent only if every one that
             applies can reserve its worst-case cost (see docs/budgets.md).
         on_alert: a callable (or several) receiving each ``Alert``; default: log a warning.
@@ -66,6 +71,7 @@ class Guard:
         store: str | os.PathLike[str] | Store | None = None,
         budgets: Iterable[Budget | SpendRate] = (),
         cache: bool | Cache = False,
+        retry: bool | Retry = True,
         on_alert: Callable[[Alert], object] | Sequence[Callable[[Alert], object]] | None = None,
         require_prices: bool = False,
         budget_hold_s: float = 900.0,
@@ -100,6 +106,15 @@ class Guard:
         else:
             raise ConfigurationError("cache", cache, "must be True, False or a tokenguard.Cache")
         self.cache = response_cache
+        if retry is True:
+            retrying: Retry | None = Retry()
+        elif retry is False or retry is None:
+            retrying = None
+        elif isinstance(retry, Retry):
+            retrying = retry
+        else:
+            raise ConfigurationError("retry", retry, "must be True, False or a tokenguard.Retry")
+        self.retry = retrying
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
         if store is None:
@@ -122,6 +137,7 @@ class Guard:
             require_prices=require_prices,
             budgets=book,
             cache=response_cache,
+            retrier=Retrier(retrying) if retrying is not None else None,
             default_max_output_tokens=default_max_output_tokens,
             wall_clock=self._clock,
             defer_s=float(settle_delay_s),

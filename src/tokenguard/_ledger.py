@@ -60,6 +60,7 @@ class Stats:
     cache_hits: int = 0
     saved_usd: Decimal = Decimal(0)
     retries: int = 0
+    attempts: int = 0
     loops_blocked: int = 0
     budget_blocks: int = 0
     input_tokens: int = 0
@@ -87,6 +88,7 @@ class Stats:
                 "calls",
                 "cache_hits",
                 "retries",
+                "attempts",
                 "loops_blocked",
                 "budget_blocks",
                 "input_tokens",
@@ -106,6 +108,7 @@ class Stats:
             acc["calls"] += 1
             acc["cache_hits"] += row.outcome == "cache_hit"
             acc["retries"] += max(row.attempts - 1, 0)
+            acc["attempts"] += row.attempts
             acc["loops_blocked"] += row.outcome == "blocked" and row.error == "loop"
             acc["budget_blocks"] += row.outcome == "blocked" and row.error == "budget"
             acc["errors"] += row.outcome == "error"

@@ -30,10 +30,11 @@ import pydantic
 
 from ._budget import BudgetBook, Hold
 from ._cache import Cache, CacheEntry, cache_key, current_cache_control, deterministic
-from ._errors import BudgetExceeded, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
+from ._errors import BudgetExceeded, CircuitOpen, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
 from ._ledger import LedgerRow, Outcome, Store
 from ._observe import install_tap
 from ._pricing import PriceBook, RateCard
+from ._retry import Retrier, reached_vendor
 from ._scope import current_scope
 from ._sse import head_and_tail, iter_sse
 from ._tokens import count_messages_tokens, count_tokens, tiktoken_encoding
@@ -48,9 +49,6 @@ log = logging.getLogger("tokenguard")
 _warned_unpriced: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
-# exceptions after which the vendor may well have done (and billed) the work
-_MAYBE_BILLED = ("Timeout", "CancelledError", "KeyboardInterrupt", "RemoteProtocolError", "ReadError")
-
 
 @dataclass(slots=True)
 class Call:
@@ -64,9 +62,14 @@ class Call:
     scope: Mapping[str, str]
     ts: datetime
     started: float
-    attempts: int = 1
+    # HTTP requests sent for this call; an attempt is in flight (sent, not yet answered or failed)
+    attempts: int = 0
+    sending: bool = False
     settled: int = field(default=0)
     hold: Hold | None = None
+    # what failed attempts that the vendor may have billed (timeouts) were charged
+    carried_usage: Usage | None = None
+    carried_cost: Decimal = Decimal(0)
     # a response was handed to the pipeline (its settling may still be queued)
     observed: bool = False
     # the response cache: the key this call is stored under, the entry that answers it,
@@ -89,6 +92,7 @@ class Pipeline:
         require_prices: bool,
         budgets: BudgetBook | None = None,
         cache: Cache | None = None,
+        retrier: Retrier | None = None,
         default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         defer_s: float = 0.02,
@@ -98,6 +102,7 @@ class Pipeline:
         self.require_prices = require_prices
         self.budgets = budgets if budgets else None
         self.cache = cache
+        self.retrier = retrier
         self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
@@ -273,6 +278,46 @@ class Pipeline:
             self.cache.land(call.cache_key, call.flight)
             call.flight = None
 
+    # -- attempts (retries) -------------------------------------------------------------------
+
+    def sending(self, call: Call) -> None:
+        """An attempt of the call is about to be sent."""
+        call.attempts += 1
+        call.sending = True
+
+    def readmit(self, call: Call) -> None:
+        """Before a retry: the checks of a first attempt again (the budgets may have filled up
+        meanwhile). Raises, after recording a ``blocked`` row, when the retry must not be sent."""
+        self._admit(call)
+
+    def retrying(self, call: Call, *, billed: bool) -> None:
+        """Settle a failed attempt that will be retried: its hold is released, or — when the
+        vendor may have billed it (a timeout after the request was sent) — kept as an
+        estimated charge, so that retried timeouts cannot silently overshoot a cap."""
+        call.sending = False
+        usage, cost = self._billed_estimate(call) if billed else (Usage(), Decimal(0))
+        if self.budgets is not None and (call.hold is not None or billed):
+            try:
+                self.budgets.settle(call.hold, call.scope, usage, cost)
+            except Exception:  # the hold expires on its own; the retry must not fail for this
+                log.exception("tokenguard: could not settle the budgets of a failed %s attempt", call.endpoint.name)
+        call.hold = None
+        if billed:
+            call.carried_usage = usage if call.carried_usage is None else call.carried_usage + usage
+            call.carried_cost += cost or Decimal(0)
+
+    def _billed_estimate(self, call: Call) -> tuple[Usage, Decimal | None]:
+        """What an attempt the vendor may have billed is charged: what was reserved for it
+        (its worst case), or the worst case when nothing was reserved."""
+        input_tokens = call.adapter.input_bound(call.endpoint, call.body)
+        if call.hold is not None and call.hold.claims:
+            claim = call.hold.claims[0][2]
+            return Usage(input_tokens=input_tokens, output_tokens=max(claim.tokens - input_tokens, 0)), claim.usd
+        card = self.prices.card(call.adapter.vendor, call.model)
+        _, tokens = self._worst_case(call, card, input_tokens)
+        usage = Usage(input_tokens=input_tokens, output_tokens=max(tokens - input_tokens, 0))
+        return usage, self._price(call, call.model, usage, {})
+
     def record_hit(self, call: Call) -> None:
         """A call answered from the cache: $0, outcome cache_hit, the original cost saved."""
         entry = call.cache_entry
@@ -310,6 +355,8 @@ class Pipeline:
         )
 
     def _block(self, call: Call, reason: str) -> None:
+        call.observed = True  # accounted for: failed() must not add an error row
+
         def record() -> None:
             try:
                 self._record(call, Usage(), None, outcome="blocked", error=reason, estimated=False)
@@ -399,24 +446,19 @@ class Pipeline:
         if call.settled or call.observed:
             return
         call.observed = True
-        self._defer(lambda: self._record_failure(call, exc))
+        billed = call.sending and reached_vendor(exc)
+        call.sending = False
+        self._defer(lambda: self._record_failure(call, exc, billed))
 
-    def _record_failure(self, call: Call, exc: BaseException) -> None:
+    def _record_failure(self, call: Call, exc: BaseException, billed: bool) -> None:
         try:
             name = type(exc).__name__
-            cause = exc.__cause__
-            never_arrived = isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout)
-            if not never_arrived and any(marker in name for marker in _MAYBE_BILLED):
-                # the request reached the vendor; charge the input we know it read
-                usage = Usage(input_tokens=self._estimate_input(call))
-                self._record(
-                    call,
-                    usage,
-                    self._price(call, call.model, usage, {}),
-                    outcome="error",
-                    error=name,
-                    estimated=True,
-                )
+            if isinstance(exc, CircuitOpen):  # refused before sending
+                self._record(call, Usage(), None, outcome="blocked", error="circuit_open", estimated=False)
+            elif billed:
+                # the request reached the vendor, which may have done (and billed) all of it
+                usage, cost = self._billed_estimate(call)
+                self._record(call, usage, cost, outcome="error", error=name, estimated=True)
             else:
                 self._record(call, Usage(), Decimal(0), outcome="error", error=name, estimated=False)
         except Exception:
@@ -571,7 +613,7 @@ class Pipeline:
         saved: Decimal | None = None,
     ) -> None:
         call.settled += 1
-        if self.budgets is not None and outcome not in ("blocked", "cache_hit"):
+        if self.budgets is not None and outcome != "cache_hit" and (outcome != "blocked" or call.hold is not None):
             if self._budget_batch is not None and self._batching_thread == threading.get_ident():
                 self._budget_batch.append((call.hold, call.scope, usage, cost))  # settled as one batch
             else:
@@ -579,6 +621,11 @@ class Pipeline:
                     self.budgets.settle(call.hold, call.scope, usage, cost)
                 except Exception:  # the hold expires on its own; the call's answer must not be lost
                     log.exception("tokenguard: could not settle the budgets of a %s call", call.endpoint.name)
+        if call.carried_usage is not None:  # earlier attempts the vendor may have billed
+            usage = usage + call.carried_usage
+            if cost is not None or call.carried_cost:
+                cost = call.carried_cost + (cost or Decimal(0))
+            estimated = True
         row = LedgerRow(
             ts=call.ts,
             vendor=call.adapter.vendor,

@@ -461,7 +461,7 @@ class SQLiteStore:
             coalesce(sum(estimated), 0),
             coalesce(sum(cost_usd IS NULL AND outcome IN ('ok', 'incomplete')), 0),
             coalesce(sum(cache_read_tokens), 0), coalesce(sum(cache_write_tokens), 0),
-            coalesce(sum(reasoning_tokens), 0)
+            coalesce(sum(reasoning_tokens), 0), coalesce(sum(attempts), 0)
             FROM calls{where}"""
         r = self._query(sql, params)[0]
         return Stats(
@@ -481,6 +481,7 @@ class SQLiteStore:
             cache_read_tokens=r[13],
             cache_write_tokens=r[14],
             reasoning_tokens=r[15],
+            attempts=r[16],
         )
 
     # -- budgets: each operation is one IMMEDIATE transaction, so it is atomic across processes.
