@@ -30,7 +30,7 @@ from ._errors import ConfigurationError
 from ._guard import Guard, default_guard
 from ._hot import HotPath, install, learning
 from ._pipeline import Call, Pipeline
-from ._retry import Attempts, Retrier, Verdict, bounded_timeout
+from ._retry import Attempts, Verdict, bounded_timeout
 from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
 
 __all__ = [
@@ -151,17 +151,14 @@ class _GuardedBase:
         query.update(options.params or {})
         return base_url, tenant, headers, query
 
-    def _tg_attempts(self, pipeline: Pipeline, call: Call | None, options: Any) -> tuple[Attempts, Any]:
-        """The retry hooks of one call, and its options with an idempotency key that every
-        attempt reuses (so that a vendor that honours it does the work once)."""
+    def _tg_attempts(self, pipeline: Pipeline, call: Call | None, options: Any) -> Attempts:
+        """The retry hooks of one call. (Neither SDK sends an idempotency key, so there is none
+        to keep the same across attempts.)"""
         vendor = self._tg_adapter.vendor
-        if options.idempotency_key is None and str(options.method).lower() != "get":
-            options = options.model_copy()
-            options.idempotency_key = self._idempotency_key()  # type: ignore[attr-defined]
-        target = Retrier.target(vendor, str(getattr(self, "base_url", "")), call.model if call is not None else "")
+        base_url = str(getattr(self, "base_url", ""))
         replayable = options.files is None
         if call is None:
-            return Attempts(target, f"{vendor} {options.url}", _nothing, _nothing, replayable), options
+            return Attempts(vendor, base_url, "", str(options.url), _nothing, _nothing, replayable)
 
         def before_attempt(number: int, left: float | None) -> None:
             if number > 1:
@@ -170,23 +167,24 @@ class _GuardedBase:
         def after_failure(exc: BaseException, verdict: Verdict) -> None:
             pipeline.retrying(call, billed=verdict.billed)
 
-        what = f"{vendor} {call.endpoint.name} ({call.model})"
-        return Attempts(target, what, before_attempt, after_failure, replayable), options
+        return Attempts(vendor, base_url, call.model, call.endpoint.name, before_attempt, after_failure, replayable)
 
     def _tg_attempt_options(self, options: Any, number: int, left: float | None) -> Any:
         """This attempt's options: the retry count the SDK reports in a header, and HTTP
-        timeouts no longer than what the deadline leaves."""
-        if number == 1 and left is None:
-            return options
-        options = options.model_copy()
+        timeouts no longer than what the deadline leaves.
+
+        The timeout is cut in place: the options object is this call's own (the SDK builds
+        one per call), and a cut one is cut again, never raised, by the next attempt.
+        """
+        if left is not None:
+            given = options.timeout
+            usable = isinstance(given, float | int | httpx2.Timeout) or given is None
+            options.timeout = bounded_timeout(given if usable else self.timeout, left)  # type: ignore[attr-defined]
         if number > 1:
+            options = options.model_copy()
             headers = dict(options.headers) if isinstance(options.headers, dict) else {}
             headers["x-stainless-retry-count"] = str(number - 1)
             options.headers = headers
-        if left is not None:
-            given = options.timeout
-            timeout = given if isinstance(given, float | int | httpx2.Timeout) or given is None else self.timeout  # type: ignore[attr-defined]
-            options.timeout = bounded_timeout(timeout, left)
         return options
 
     def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
@@ -227,7 +225,7 @@ class _SyncGuarded(_GuardedBase):
         if call is None:  # costs nothing: retried, not accounted
             if retrier is None:
                 return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
-            attempts, options = self._tg_attempts(pipeline, None, options)
+            attempts = self._tg_attempts(pipeline, None, options)
             return retrier.run(
                 attempts,
                 lambda number, left: parent.request(  # type: ignore[attr-defined]
@@ -252,7 +250,7 @@ class _SyncGuarded(_GuardedBase):
             if retrier is None:
                 pipeline.sending(call)
                 return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
-            attempts, options = self._tg_attempts(pipeline, call, options)
+            attempts = self._tg_attempts(pipeline, call, options)
 
             def send(number: int, left: float | None) -> Any:
                 pipeline.sending(call)
@@ -301,7 +299,7 @@ class _AsyncGuarded(_GuardedBase):
         if call is None:  # costs nothing: retried, not accounted
             if retrier is None:
                 return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
-            attempts, options = self._tg_attempts(pipeline, None, options)
+            attempts = self._tg_attempts(pipeline, None, options)
             return await retrier.run_async(
                 attempts,
                 lambda number, left: parent.request(  # type: ignore[attr-defined]
@@ -326,7 +324,7 @@ class _AsyncGuarded(_GuardedBase):
             if retrier is None:
                 pipeline.sending(call)
                 return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
-            attempts, options = self._tg_attempts(pipeline, call, options)
+            attempts = self._tg_attempts(pipeline, call, options)
 
             async def send(number: int, left: float | None) -> Any:
                 pipeline.sending(call)

@@ -398,15 +398,27 @@ def bounded_timeout(timeout: Any, left_s: float) -> httpx2.Timeout:
 
 @dataclass(slots=True)
 class Attempts:
-    """The hooks and identity of one call, for ``Retrier.run`` / ``run_async``."""
+    """The identity and hooks of one call, for ``Retrier.run`` / ``run_async``."""
 
-    target: tuple[str, str, str]  # (vendor, base URL, model): the circuit breaker's key
-    what: str  # for logs: "openai chat.completions"
+    vendor: str
+    base_url: str
+    model: str  # "" for a call that costs nothing
+    endpoint: str
     # before attempt n (1-based) is sent, with the seconds the deadline leaves (None: no deadline)
     before_attempt: Callable[[int, float | None], None]
     # after a failed attempt that will be retried
     after_failure: Callable[[BaseException, Verdict], None]
     replayable: bool = True  # the request body can be sent again
+
+    @property
+    def target(self) -> tuple[str, str, str]:
+        """The circuit breaker's key: (vendor, base URL without credentials, model)."""
+        return self.vendor, _public_url(self.base_url), self.model
+
+    @property
+    def what(self) -> str:
+        """The call, for logs: ``openai chat.completions (gpt-4o)``."""
+        return f"{self.vendor} {self.endpoint}" + (f" ({self.model})" if self.model else "")
 
 
 class Retrier:
@@ -423,10 +435,6 @@ class Retrier:
         self._breakers = _Breakers(config.circuit_breaker, clock) if config.circuit_breaker else None
         self._exponential = tenacity.wait_exponential(multiplier=config.initial_delay_s, max=config.max_delay_s)
         self._budget_warned_at = -math.inf
-
-    @staticmethod
-    def target(vendor: str, base_url: str, model: str) -> tuple[str, str, str]:
-        return vendor, _public_url(base_url), model
 
     def _tenacity_args(self, attempts: Attempts, started: float) -> dict[str, Any]:
         config = self.config
@@ -530,15 +538,34 @@ class Retrier:
         else:
             self._breakers.released(attempts.target)
 
-    def run(self, attempts: Attempts, send: Callable[[int, float | None], T]) -> T:
-        """Send (``send(attempt_number, seconds_left)``) until it succeeds or the policy gives
-        up; the last error is raised as it was."""
-        started = self._clock()
+    def _first(self, attempts: Attempts, started: float) -> float | None:
         if self._budget is not None:
             self._budget.note_call()
+        return self._start_attempt(attempts, 1, started)
+
+    def run(self, attempts: Attempts, send: Callable[[int, float | None], T]) -> T:
+        """Send (``send(attempt_number, seconds_left)``) until it succeeds or the policy gives
+        up; the last error is raised as it was.
+
+        The first attempt runs outside tenacity (most calls succeed at once, and tenacity's
+        per-call machinery costs about a tenth of an in-process call); a failed first attempt
+        is handed to tenacity as its attempt 1, and tenacity decides everything after it.
+        """
+        started = self._clock()
+        left = self._first(attempts, started)
+        try:
+            result = send(1, left)
+        except BaseException as exc:
+            self._end_attempt(attempts, exc)
+            first = exc
+        else:
+            self._end_attempt(attempts, None)
+            return result
         for attempt in tenacity.Retrying(sleep=time.sleep, **self._tenacity_args(attempts, started)):
             with attempt:
                 number = attempt.retry_state.attempt_number
+                if number == 1:
+                    raise first
                 left = self._start_attempt(attempts, number, started)
                 try:
                     result = send(number, left)
@@ -552,11 +579,20 @@ class Retrier:
     async def run_async(self, attempts: Attempts, send: Callable[[int, float | None], Awaitable[T]]) -> T:
         """``run`` for asyncio: sleeps with ``asyncio.sleep`` (cancellable at any point)."""
         started = self._clock()
-        if self._budget is not None:
-            self._budget.note_call()
+        left = self._first(attempts, started)
+        try:
+            result = await send(1, left)
+        except BaseException as exc:
+            self._end_attempt(attempts, exc)
+            first = exc
+        else:
+            self._end_attempt(attempts, None)
+            return result
         async for attempt in tenacity.AsyncRetrying(**self._tenacity_args(attempts, started)):
             with attempt:
                 number = attempt.retry_state.attempt_number
+                if number == 1:
+                    raise first
                 left = self._start_attempt(attempts, number, started)
                 try:
                     result = await send(number, left)
