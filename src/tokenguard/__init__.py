@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._guard import Guard, default_guard, set_default_guard
 from ._ledger import LedgerRow, Stats, Store
+from ._loops import LoopDetector
 from ._pricing import register_price
 from ._retry import CircuitBreaker, Retry
 from ._scope import current_scope, scope
@@ -46,6 +47,7 @@ __all__ = [
     "Guard",
     "LedgerRow",
     "LoopDetected",
+    "LoopDetector",
     "OpenAI",
     "Retry",
     "SpendRate",

@@ -141,15 +141,45 @@ class CircuitOpen(TokenguardError):
 
 
 class LoopDetected(TokenguardError):
-    """The same request was seen more than ``max_repeats`` times inside ``window_s``; it was not sent."""
+    """The same request was seen more than ``max_repeats`` times inside ``window_s``; it was not sent.
 
-    def __init__(self, *, repeats: int, window_s: float, fingerprint: str, **extra: Any) -> None:
+    ``repeats`` counts this request; ``fingerprint`` identifies the repeated request (a
+    hash: no prompt text); ``level`` says which check saw it (``"exact"``, ``"normalized"``,
+    ``"tool_calls"``, or ``"cool-down"`` for a request refused again right after a block);
+    ``scope`` is the call's attribution. In warn mode the same object is handed to
+    ``on_loop`` and the call goes ahead.
+    """
+
+    def __init__(
+        self,
+        *,
+        repeats: int,
+        window_s: float,
+        fingerprint: str,
+        level: str = "exact",
+        scope: Mapping[str, str] | None = None,
+        mode: str = "block",
+        **extra: Any,
+    ) -> None:
         self.repeats = repeats
         self.window_s = window_s
         self.fingerprint = fingerprint
-        super().__init__(
-            f"loop detected: request {fingerprint[:16]} repeated {repeats} times within {window_s:g}s; it was not sent"
-        )
+        self.level = level
+        self.scope = dict(scope or {})
+        self.mode = mode
+        who = f" for {', '.join(f'{k}={v}' for k, v in self.scope.items())}" if self.scope else ""
+        what = {
+            "exact": "the same request",
+            "normalized": "the same request, up to a counter or a timestamp,",
+            "tool_calls": "the same tool call with the same arguments",
+            "cool-down": "a request just refused as a loop",
+        }.get(level, "the same request")
+        tail = "it was not sent" if mode == "block" else "it was sent (warn mode)"
+        if level == "cool-down":
+            message = f"loop detected{who}: {what} was sent again during its cool-down; {tail}"
+        else:
+            message = f"loop detected{who}: {what} {repeats} times within {window_s:g}s; {tail}"
+        super().__init__(f"{message} (fingerprint {fingerprint[:12]})")
 
 
 class TokenguardWarning(UserWarning):

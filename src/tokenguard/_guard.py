@@ -19,6 +19,7 @@ from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, Spend
 from ._cache import Cache
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, Stats, Store
+from ._loops import LoopBook, LoopDetector, LoopStore
 from ._periods import period_start
 from ._pipeline import Pipeline
 from ._pricing import PriceBook
@@ -47,6 +48,10 @@ class Guard:
             0.5 s to 30 s, a 120 s deadline, a 20% retry budget — a ``tokenguard.Retry(...)``,
             or ``False`` to never retry. The vendor SDK's own retries are always off in a
             guarded client, so attempts never multiply (see docs/retry.md).
+        loops: ``True`` for ``tokenguard.LoopDetector()`` (a request repeated more than 3
+            times in 10 minutes, per scope, is refused), a ``tokenguard.LoopDetector(...)``,
+            or ``False`` (default) for none. Off by default: without scopes, every user of
+            an app shares one history (see docs/loops.md).
         budgets: ``Budget`` and ``SpendRate`` caps; a call is sent only if every one that
             applies can reserve its worst-case cost (see docs/budgets.md).
         on_alert: a callable (or several) receiving each ``Alert``; default: log a warning.
@@ -72,6 +77,7 @@ class Guard:
         budgets: Iterable[Budget | SpendRate] = (),
         cache: bool | Cache = False,
         retry: bool | Retry = True,
+        loops: bool | LoopDetector = False,
         on_alert: Callable[[Alert], object] | Sequence[Callable[[Alert], object]] | None = None,
         require_prices: bool = False,
         budget_hold_s: float = 900.0,
@@ -115,6 +121,15 @@ class Guard:
         else:
             raise ConfigurationError("retry", retry, "must be True, False or a tokenguard.Retry")
         self.retry = retrying
+        if loops is True:
+            detector: LoopDetector | None = LoopDetector()
+        elif loops is False or loops is None:
+            detector = None
+        elif isinstance(loops, LoopDetector):
+            detector = loops
+        else:
+            raise ConfigurationError("loops", loops, "must be True, False or a tokenguard.LoopDetector")
+        self.loops = detector
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
         if store is None:
@@ -130,6 +145,11 @@ class Guard:
                 budget_list, store=self._store, on_alert=on_alert, clock=self._clock, hold_s=float(budget_hold_s)
             )
         self._budgets = book
+        loop_book = None
+        if detector is not None:
+            if not isinstance(self._store, LoopStore):
+                raise ConfigurationError("store", self._store, "this store cannot hold the loop detector's history")
+            loop_book = LoopBook(detector, self._store, clock=lambda: self._clock().timestamp())
         self._prices = PriceBook(clock=lambda: self._clock().timestamp())
         self._pipeline = Pipeline(
             store=self._store,
@@ -138,6 +158,7 @@ class Guard:
             budgets=book,
             cache=response_cache,
             retrier=Retrier(retrying) if retrying is not None else None,
+            loops=loop_book,
             default_max_output_tokens=default_max_output_tokens,
             wall_clock=self._clock,
             defer_s=float(settle_delay_s),

@@ -32,6 +32,7 @@ from ._budget import BudgetBook, Hold
 from ._cache import Cache, CacheEntry, cache_key, current_cache_control, deterministic
 from ._errors import BudgetExceeded, CircuitOpen, StoreUnavailable, UnpricedModelError, UnpricedModelWarning
 from ._ledger import LedgerRow, Outcome, Store
+from ._loops import LoopBook, Prints, prints_of
 from ._observe import install_tap
 from ._pricing import PriceBook, RateCard
 from ._retry import Retrier, reached_vendor
@@ -79,6 +80,8 @@ class Call:
     cache_ttl_s: float | None = None
     flight: threading.Event | None = None
     waiting: threading.Event | None = None
+    # the loop detector's fingerprints of the body (computed once, reused by repeats)
+    prints: Prints | None = None
 
 
 class Pipeline:
@@ -93,6 +96,7 @@ class Pipeline:
         budgets: BudgetBook | None = None,
         cache: Cache | None = None,
         retrier: Retrier | None = None,
+        loops: LoopBook | None = None,
         default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         defer_s: float = 0.02,
@@ -103,6 +107,7 @@ class Pipeline:
         self.budgets = budgets if budgets else None
         self.cache = cache
         self.retrier = retrier
+        self.loops = loops
         self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
@@ -205,6 +210,8 @@ class Pipeline:
             ts=self._now(),
             started=time.perf_counter(),
         )
+        if self.loops is not None and self.loops.detector.count_cache_hits:
+            self._check_loop(call)  # before the cache: a loop answered from the cache is still a loop
         if self.cache is not None and cache_context is not None:
             control = current_cache_control()
             wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
@@ -249,8 +256,11 @@ class Pipeline:
             call.flight = self.cache.lead(call.cache_key)  # the flight landed meanwhile
         return self._admit(call)
 
-    def _admit(self, call: Call) -> Call:
-        """The checks before sending: the price, then every budget's reservation."""
+    def _admit(self, call: Call, *, first: bool = True) -> Call:
+        """The checks before sending: loops (once per call), the price, then every budget's
+        reservation."""
+        if first and self.loops is not None and not self.loops.detector.count_cache_hits:
+            self._check_loop(call)
         adapter, endpoint, body = call.adapter, call.endpoint, call.body
         budgets = self.budgets
         if not self.require_prices and budgets is None:
@@ -288,7 +298,24 @@ class Pipeline:
     def readmit(self, call: Call) -> None:
         """Before a retry: the checks of a first attempt again (the budgets may have filled up
         meanwhile). Raises, after recording a ``blocked`` row, when the retry must not be sent."""
-        self._admit(call)
+        self._admit(call, first=False)
+
+    def _check_loop(self, call: Call) -> None:
+        """Note the call with the loop detector; raise ``LoopDetected`` (after recording a
+        ``blocked`` row) when it continues a loop in block mode."""
+        loops = self.loops
+        assert loops is not None
+        try:
+            if call.prints is None:
+                call.prints = prints_of(loops.detector, call.adapter.vendor, call.endpoint.name, call.body)
+            loop = loops.check(call.prints, call.scope)
+        except Exception:  # a broken loop store must not fail every call: the check is skipped
+            log.exception("tokenguard: the loop detector could not check a %s call", call.endpoint.name)
+            return
+        if loop is not None and loops.detector.mode == "block":
+            self._block(call, "loop")
+            self.land(call)
+            raise loop
 
     def retrying(self, call: Call, *, billed: bool) -> None:
         """Settle a failed attempt that will be retried: its hold is released, or — when the
@@ -338,21 +365,24 @@ class Pipeline:
 
     def record_repeat(self, like: Call, entry: CacheEntry) -> None:
         """A repeat of the answered call ``like``, served from ``entry`` without reaching the
-        SDK's request path (the clients' hot path): the same row a hit makes."""
-        self.record_hit(
-            Call(
-                adapter=like.adapter,
-                endpoint=like.endpoint,
-                body=like.body,
-                model=like.model,
-                stream=like.stream,
-                scope=current_scope(),
-                ts=self._now(),
-                started=time.perf_counter(),
-                cache_key=like.cache_key,
-                cache_entry=entry,
-            )
+        SDK's request path (the clients' hot path): the same row a hit makes, after the same
+        loop check (raises ``LoopDetected``)."""
+        call = Call(
+            adapter=like.adapter,
+            endpoint=like.endpoint,
+            body=like.body,
+            model=like.model,
+            stream=like.stream,
+            scope=current_scope(),
+            ts=self._now(),
+            started=time.perf_counter(),
+            cache_key=like.cache_key,
+            cache_entry=entry,
+            prints=like.prints,
         )
+        if self.loops is not None and self.loops.detector.count_cache_hits:
+            self._check_loop(call)
+        self.record_hit(call)
 
     def _block(self, call: Call, reason: str) -> None:
         call.observed = True  # accounted for: failed() must not add an error row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -10,8 +11,11 @@ from typing import Any
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits
 from .._ledger import LedgerRow, Stats, matches_scope
+from .._loops import Decision
 
 __all__ = ["MemoryStore"]
+
+_LOOP_KEYS = 100_000  # the loop detector's keys kept (least recently seen go first)
 
 
 class MemoryStore:
@@ -26,6 +30,9 @@ class MemoryStore:
         self._spend: dict[tuple[str, float], list[Any]] = {}
         self._holders: dict[tuple[str, int, str, float], list[Any]] = {}
         self._alerts: set[tuple[str, float, float]] = set()
+        # the loop detector: per key, its latest (time, detail) entries; quarantines
+        self._loops: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
+        self._loop_blocks: dict[str, float] = {}
 
     def record(self, row: LedgerRow) -> None:
         """Append one row."""
@@ -58,6 +65,43 @@ class MemoryStore:
     def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
         """Totals of the matching rows."""
         return Stats.of(self.rows(since=since, scope=scope))
+
+    def loop_observe(
+        self,
+        keys: Sequence[str],
+        details: Sequence[str],
+        *,
+        now: float,
+        window_s: float,
+        keep: int,
+        decide: Callable[[list[list[tuple[float, str]]], list[float]], Decision],
+    ) -> Decision:
+        """See ``tokenguard._loops.LoopStore`` (atomic across this process's threads)."""
+        with self._lock:
+            histories: list[list[tuple[float, str]]] = []
+            blocked: list[float] = []
+            for key in keys:
+                entries = self._loops.get(key)
+                if entries is not None:
+                    while entries and entries[0][0] <= now - window_s:
+                        entries.popleft()
+                histories.append(list(entries) if entries else [])
+                blocked.append(self._loop_blocks.get(key, 0.0))
+            decision = decide(histories, blocked)
+            if decision.record:
+                for key, detail in zip(keys, details, strict=True):
+                    entries = self._loops.get(key)
+                    if entries is None or entries.maxlen != keep:
+                        entries = self._loops[key] = deque(entries or (), maxlen=keep)
+                    self._loops.move_to_end(key)
+                    entries.append((now, detail))
+                while len(self._loops) > _LOOP_KEYS:
+                    self._loops.popitem(last=False)
+            for key in decision.quarantine:
+                self._loop_blocks[key] = decision.until
+            if len(self._loop_blocks) > _LOOP_KEYS:
+                self._loop_blocks = {k: t for k, t in self._loop_blocks.items() if t > now}
+            return decision
 
     def flush(self) -> None:
         """Nothing is queued."""

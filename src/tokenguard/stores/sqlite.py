@@ -35,6 +35,7 @@ from typing import Any, Final
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ledger import LedgerRow, Stats
+from .._loops import Decision
 from .._usage import Usage
 
 __all__ = ["SQLiteStore", "money_text"]
@@ -99,6 +100,17 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     threshold REAL NOT NULL,
     PRIMARY KEY (key, period_start, threshold)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS loop_events (
+    key TEXT NOT NULL,
+    ts REAL NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS loop_events_key ON loop_events (key, ts);
+CREATE INDEX IF NOT EXISTS loop_events_ts ON loop_events (ts);
+CREATE TABLE IF NOT EXISTS loop_blocks (
+    key TEXT PRIMARY KEY,
+    until REAL NOT NULL
+) WITHOUT ROWID;
 """
 _COLUMNS: Final = (
     "ts, vendor, endpoint, model, scope, input_tokens, output_tokens, cache_read_tokens, "
@@ -117,6 +129,7 @@ def money_text(value: Decimal | None) -> str | None:
 
 _BUSY_DEADLINE_S: Final = 30.0
 _NO_TOTALS: Final = Totals()
+_LOOP_SWEEP_EVERY: Final = 512  # loop-detector writes between sweeps of entries out of the window
 
 
 def _retry_busy(attempt: Callable[[], Any]) -> Any:
@@ -296,6 +309,7 @@ class SQLiteStore:
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._loop_writes = 0
         self._lock_pid = -1
         # one list object for the store's life (mutated in place), so the finalizer below
         # can write what a store dropped without close() still had queued
@@ -691,6 +705,55 @@ class SQLiteStore:
             return dropped
 
         result: int = self._transaction(work)
+        return result
+
+    # -- the loop detector's history: one IMMEDIATE transaction per request ----------------------
+
+    def loop_observe(
+        self,
+        keys: Sequence[str],
+        details: Sequence[str],
+        *,
+        now: float,
+        window_s: float,
+        keep: int,
+        decide: Callable[[list[list[tuple[float, str]]], list[float]], Decision],
+    ) -> Decision:
+        """See ``tokenguard._loops.LoopStore``: atomic across the processes sharing this file."""
+
+        def work(conn: sqlite3.Connection) -> Decision:
+            histories: list[list[tuple[float, str]]] = []
+            blocked: list[float] = []
+            for key in keys:
+                conn.execute("DELETE FROM loop_events WHERE key = ? AND ts <= ?", (key, now - window_s))
+                rows = conn.execute(
+                    "SELECT ts, detail FROM loop_events WHERE key = ? ORDER BY ts DESC LIMIT ?", (key, keep)
+                ).fetchall()
+                histories.append([(float(ts), str(detail)) for ts, detail in reversed(rows)])
+                until = conn.execute("SELECT until FROM loop_blocks WHERE key = ?", (key,)).fetchone()
+                blocked.append(float(until[0]) if until is not None else 0.0)
+            decision = decide(histories, blocked)
+            if decision.record:
+                conn.executemany(
+                    "INSERT INTO loop_events VALUES (?, ?, ?)",
+                    [(k, now, d) for k, d in zip(keys, details, strict=True)],
+                )
+                for key, history in zip(keys, histories, strict=True):
+                    if len(history) >= keep:  # at capacity: keep the newest ``keep``
+                        conn.execute(
+                            "DELETE FROM loop_events WHERE key = ? AND ts < ("
+                            "SELECT ts FROM loop_events WHERE key = ? ORDER BY ts DESC LIMIT 1 OFFSET ?)",
+                            (key, key, keep - 1),
+                        )
+            for key in decision.quarantine:
+                conn.execute("INSERT OR REPLACE INTO loop_blocks VALUES (?, ?)", (key, decision.until))
+            self._loop_writes += 1
+            if self._loop_writes % _LOOP_SWEEP_EVERY == 0:  # what no key was asked about again
+                conn.execute("DELETE FROM loop_events WHERE ts <= ?", (now - window_s,))
+                conn.execute("DELETE FROM loop_blocks WHERE until <= ?", (now,))
+            return decision
+
+        result: Decision = self._transaction(work)
         return result
 
     def close(self) -> None:
