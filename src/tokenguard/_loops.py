@@ -75,7 +75,7 @@ _KIND: Final = {
     "epoch": "clock",
     "num": "number",
 }
-_SPACE: Final = re.compile(r"\s+")
+_SPACE: Final = re.compile(r"(?:\s|\\[nrt])+")  # in JSON text: blanks, and escaped newlines and tabs
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,22 +147,16 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _normalize(value: Any, found: list[tuple[str, str]]) -> Any:
-    """``value`` with every string lower-cased, its whitespace collapsed and its volatile
+def _normalize(text: str, found: list[tuple[str, str]]) -> str:
+    """Canonical JSON ``text`` lower-cased, whitespace (escaped or not) collapsed and volatile
     tokens masked; the masked tokens are appended to ``found`` as (kind, text)."""
-    if isinstance(value, str):
 
-        def mask(match: re.Match[str]) -> str:
-            kind = _KIND[match.lastgroup or "num"]
-            found.append((kind, match.group(0)))
-            return f"<{kind}>"
+    def mask(match: re.Match[str]) -> str:
+        kind = _KIND[match.lastgroup or "num"]
+        found.append((kind, match.group(0)))
+        return f"<{kind}>"
 
-        return _VOLATILE.sub(mask, _SPACE.sub(" ", value.strip().lower()))
-    if isinstance(value, Mapping):
-        return {k: _normalize(v, found) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, list | tuple):
-        return [_normalize(v, found) for v in value]
-    return value
+    return _VOLATILE.sub(mask, _SPACE.sub(" ", text.lower()))
 
 
 def _arguments(raw: Any) -> Any:
@@ -237,15 +231,15 @@ class Prints:
 
 def prints_of(detector: LoopDetector, vendor: str, endpoint: str, body: Mapping[str, Any]) -> Prints:
     """The fingerprints the detector's levels need, of one request body."""
-    deciding = {k: body[k] for k in _DECIDING if k in body}
-    exact = _digest(_canonical([vendor, endpoint, deciding]))
+    deciding = _canonical([vendor, endpoint, {k: body[k] for k in _DECIDING if k in body}])
+    exact = _digest(deciding)
     normal: str | None = None
     values: tuple[tuple[str, str], ...] = ()
     if detector.normalized:
         found: list[tuple[str, str]] = []
         shape = _normalize(deciding, found)
-        if found:  # with nothing masked, the exact level already says it all
-            normal = _digest(_canonical([vendor, endpoint, shape]))
+        if shape != deciding:  # with nothing changed, the exact level already says it all
+            normal = _digest(shape)
             values = tuple(found)
     tool: str | None = None
     if detector.tool_calls:
