@@ -721,34 +721,34 @@ class SQLiteStore:
     ) -> Decision:
         """See ``tokenguard._loops.LoopStore``: atomic across the processes sharing this file."""
 
+        marks = ", ".join("?" * len(keys))
+        order = "ORDER BY key, ts DESC, rowid DESC"
+        select_events = f"SELECT key, ts, detail FROM loop_events WHERE key IN ({marks}) AND ts > ? {order}"
+        select_blocks = f"SELECT key, until FROM loop_blocks WHERE key IN ({marks}) AND until > ?"
+
         def work(conn: sqlite3.Connection) -> Decision:
-            histories: list[list[tuple[float, str]]] = []
-            blocked: list[float] = []
-            for key in keys:
-                conn.execute("DELETE FROM loop_events WHERE key = ? AND ts <= ?", (key, now - window_s))
-                rows = conn.execute(
-                    "SELECT ts, detail FROM loop_events WHERE key = ? ORDER BY ts DESC LIMIT ?", (key, keep)
-                ).fetchall()
-                histories.append([(float(ts), str(detail)) for ts, detail in reversed(rows)])
-                until = conn.execute("SELECT until FROM loop_blocks WHERE key = ?", (key,)).fetchone()
-                blocked.append(float(until[0]) if until is not None else 0.0)
-            decision = decide(histories, blocked)
+            found: dict[str, list[tuple[float, str]]] = {key: [] for key in keys}
+            for key, ts, detail in conn.execute(select_events, (*keys, now - window_s)):
+                entries = found[key]
+                if len(entries) < keep:
+                    entries.append((float(ts), str(detail)))
+            histories = [found[key][::-1] for key in keys]
+            until = dict(conn.execute(select_blocks, (*keys, now)).fetchall())
+            decision = decide(histories, [float(until.get(key, 0.0)) for key in keys])
             if decision.record:
-                conn.executemany(
-                    "INSERT INTO loop_events VALUES (?, ?, ?)",
-                    [(k, now, d) for k, d in zip(keys, details, strict=True)],
-                )
+                rows = [(key, now, detail) for key, detail in zip(keys, details, strict=True)]
+                conn.executemany("INSERT INTO loop_events VALUES (?, ?, ?)", rows)
                 for key, history in zip(keys, histories, strict=True):
                     if len(history) >= keep:  # at capacity: keep the newest ``keep``
                         conn.execute(
-                            "DELETE FROM loop_events WHERE key = ? AND ts < ("
-                            "SELECT ts FROM loop_events WHERE key = ? ORDER BY ts DESC LIMIT 1 OFFSET ?)",
-                            (key, key, keep - 1),
+                            "DELETE FROM loop_events WHERE key = ? AND rowid NOT IN (SELECT rowid FROM loop_events "
+                            "WHERE key = ? ORDER BY ts DESC, rowid DESC LIMIT ?)",
+                            (key, key, keep),
                         )
             for key in decision.quarantine:
                 conn.execute("INSERT OR REPLACE INTO loop_blocks VALUES (?, ?)", (key, decision.until))
             self._loop_writes += 1
-            if self._loop_writes % _LOOP_SWEEP_EVERY == 0:  # what no key was asked about again
+            if self._loop_writes % _LOOP_SWEEP_EVERY == 0:  # entries out of the window, of any key
                 conn.execute("DELETE FROM loop_events WHERE ts <= ?", (now - window_s,))
                 conn.execute("DELETE FROM loop_blocks WHERE until <= ?", (now,))
             return decision
