@@ -272,6 +272,7 @@ class TestStoreContract:
             attempts=1 + 3 + 1 + 2 + 1 + 2 + 1,  # HTTP requests: none for a hit or a block
             loops_blocked=1,
             budget_blocks=1,
+            blocked=3,
             input_tokens=1000 + 50 + 10 + 40 + 9,
             output_tokens=200 + 7 + 4 + 1,
             spent_usd=Decimal("0.00123") + Decimal("0.0000091") + TINY,

@@ -30,7 +30,7 @@ from ._errors import ConfigurationError
 from ._guard import Guard, default_guard
 from ._hot import HotPath, install, learning
 from ._pipeline import Call, Pipeline
-from ._retry import Attempts, Verdict, bounded_timeout
+from ._retry import Attempts, CutTimeout, Verdict
 from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
 
 __all__ = [
@@ -170,18 +170,29 @@ class _GuardedBase:
         return Attempts(vendor, base_url, call.model, call.endpoint.name, before_attempt, after_failure, replayable)
 
     def _tg_attempt_options(self, options: Any, number: int, left: float | None) -> Any:
-        """This attempt's options: the retry count the SDK reports in a header, and HTTP
-        timeouts no longer than what the deadline leaves.
+        """This attempt's options (a copy when anything changes: the SDK keeps the options it
+        was given on what it returns, a page for one):
 
-        The timeout is cut in place: the options object is this call's own (the SDK builds
-        one per call), and a cut one is cut again, never raised, by the next attempt.
+        - no SDK retries, even when the request itself asks for some (``max_retries``);
+        - the retry count, in the header the SDK uses for it;
+        - HTTP timeouts no longer than what the deadline leaves (and a timeout cut for an
+          earlier call, found on a page's options, back to its original).
         """
+        given = options.timeout
+        retries = options.max_retries
+        stray_retries = isinstance(retries, int) and retries != 0
+        if left is None and number == 1 and not stray_retries and not isinstance(given, CutTimeout):
+            return options
+        options = options.model_copy()
+        if stray_retries:
+            options.max_retries = 0
+        original = given.original if isinstance(given, CutTimeout) else given
         if left is not None:
-            given = options.timeout
-            usable = isinstance(given, float | int | httpx2.Timeout) or given is None
-            options.timeout = bounded_timeout(given if usable else self.timeout, left)  # type: ignore[attr-defined]
+            usable = isinstance(original, float | int | httpx2.Timeout) or original is None
+            options.timeout = CutTimeout(original if usable else self.timeout, left)  # type: ignore[attr-defined]
+        elif isinstance(given, CutTimeout):
+            options.timeout = original
         if number > 1:
-            options = options.model_copy()
             headers = dict(options.headers) if isinstance(options.headers, dict) else {}
             headers["x-stainless-retry-count"] = str(number - 1)
             options.headers = headers
@@ -224,6 +235,7 @@ class _SyncGuarded(_GuardedBase):
         retrier = pipeline.retrier
         if call is None:  # costs nothing: retried, not accounted
             if retrier is None:
+                options = self._tg_attempt_options(options, 1, None)
                 return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
             attempts = self._tg_attempts(pipeline, None, options)
             return retrier.run(
@@ -249,6 +261,7 @@ class _SyncGuarded(_GuardedBase):
         try:
             if retrier is None:
                 pipeline.sending(call)
+                options = self._tg_attempt_options(options, 1, None)
                 return parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
             attempts = self._tg_attempts(pipeline, call, options)
 
@@ -298,6 +311,7 @@ class _AsyncGuarded(_GuardedBase):
         retrier = pipeline.retrier
         if call is None:  # costs nothing: retried, not accounted
             if retrier is None:
+                options = self._tg_attempt_options(options, 1, None)
                 return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
             attempts = self._tg_attempts(pipeline, None, options)
             return await retrier.run_async(
@@ -323,6 +337,7 @@ class _AsyncGuarded(_GuardedBase):
         try:
             if retrier is None:
                 pipeline.sending(call)
+                options = self._tg_attempt_options(options, 1, None)
                 return await parent.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
             attempts = self._tg_attempts(pipeline, call, options)
 

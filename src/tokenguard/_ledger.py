@@ -63,6 +63,7 @@ class Stats:
     attempts: int = 0
     loops_blocked: int = 0
     budget_blocks: int = 0
+    blocked: int = 0  # every call refused before it was sent (budget, loop, unpriced, open circuit)
     input_tokens: int = 0
     output_tokens: int = 0
     spent_usd: Decimal = Decimal(0)
@@ -77,7 +78,7 @@ class Stats:
     @property
     def cache_hit_rate(self) -> float:
         """Cache hits over calls answered (hits plus calls sent and answered); 0.0 with none."""
-        answered = self.calls - self.budget_blocks - self.loops_blocked - self.errors
+        answered = self.calls - self.blocked - self.errors
         return self.cache_hits / answered if answered > 0 else 0.0
 
     @classmethod
@@ -91,6 +92,7 @@ class Stats:
                 "attempts",
                 "loops_blocked",
                 "budget_blocks",
+                "blocked",
                 "input_tokens",
                 "output_tokens",
                 "errors",
@@ -111,6 +113,7 @@ class Stats:
             acc["attempts"] += row.attempts
             acc["loops_blocked"] += row.outcome == "blocked" and row.error == "loop"
             acc["budget_blocks"] += row.outcome == "blocked" and row.error == "budget"
+            acc["blocked"] += row.outcome == "blocked"
             acc["errors"] += row.outcome == "error"
             acc["incomplete"] += row.outcome == "incomplete"
             acc["estimated_calls"] += row.estimated

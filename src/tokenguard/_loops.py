@@ -83,7 +83,8 @@ class LoopDetector:
     """Refuse (or report) a request repeated too often: see docs/loops.md.
 
     Args:
-        max_repeats: how many repeats of a request a window allows; the next one is a loop.
+        max_repeats: how many times the same request may be sent within the window; the
+            next one (the ``max_repeats + 1``-th) is a loop.
         window_s: the sliding window, in seconds.
         normalized: also treat as repeats requests that differ only in case, whitespace and
             a counter or a timestamp.

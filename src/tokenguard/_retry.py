@@ -34,7 +34,7 @@ import tenacity
 
 from ._errors import CircuitOpen, ConfigurationError
 
-__all__ = ["CircuitBreaker", "Retrier", "Retry", "Verdict", "judge"]
+__all__ = ["CircuitBreaker", "CutTimeout", "Retrier", "Retry", "Verdict", "judge"]
 
 log = logging.getLogger("tokenguard")
 
@@ -174,15 +174,17 @@ class Verdict:
 _STATUS_ERRORS: Final = (openai.APIStatusError, anthropic.APIStatusError)
 _TIMEOUTS: Final = (openai.APITimeoutError, anthropic.APITimeoutError)
 _CONNECTION: Final = (openai.APIConnectionError, anthropic.APIConnectionError)
-# transport errors after which the request had reached the vendor
-_SENT_ERRORS: Final = (httpx2.ReadTimeout, httpx2.WriteTimeout, httpx2.RemoteProtocolError, httpx2.ReadError)
+# transport errors after which the whole request had reached the vendor (a write timeout or a
+# pool timeout means it had not: nothing the vendor could act on)
+_SENT_ERRORS: Final = (httpx2.ReadTimeout, httpx2.RemoteProtocolError, httpx2.ReadError)
+_UNSENT_TIMEOUTS: Final = (httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.WriteTimeout)
 
 
 def reached_vendor(exc: BaseException) -> bool:
     """Whether a failed attempt had reached the vendor (who may bill the work it did)."""
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, _CONNECTION):
-        timed_out_after_sending = isinstance(exc, _TIMEOUTS) and not isinstance(cause, httpx2.ConnectTimeout)
+        timed_out_after_sending = isinstance(exc, _TIMEOUTS) and not isinstance(cause, _UNSENT_TIMEOUTS)
         return isinstance(cause, _SENT_ERRORS) or timed_out_after_sending
     return isinstance(exc, _SENT_ERRORS) or type(exc).__name__ in ("CancelledError", "KeyboardInterrupt")
 
@@ -190,11 +192,15 @@ def reached_vendor(exc: BaseException) -> bool:
 def retry_after(headers: httpx2.Headers) -> float | None:
     """Seconds the server asked to wait: ``retry-after-ms``, else ``retry-after`` in seconds or
     as an HTTP date; ``None`` when absent, unreadable or not positive."""
-    try:
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
             value = float(ms) / 1000
+        except ValueError:
+            pass  # unreadable: as the SDKs do, fall back to retry-after
+        else:
             return value if 0 < value < math.inf else None
+    try:
         text = headers.get("retry-after")
         if text is None:
             return None
@@ -332,7 +338,8 @@ class _Breakers:
         with self._lock:
             circuit = self._circuits.pop(target, None)
         if circuit is not None and circuit.failures >= self._config.failures:
-            log.warning("tokenguard: circuit for %s model %r at %s closed again", *target)
+            vendor, base_url, model = target
+            log.warning("tokenguard: circuit for %s model %r at %s closed again", vendor, model, base_url)
 
     def failed(self, target: tuple[str, str, str], error: str) -> None:
         with self._lock:
@@ -350,12 +357,23 @@ class _Breakers:
             else:
                 opened = False
         if opened:
+            vendor, base_url, model = target
             log.warning(
                 "tokenguard: circuit for %s model %r at %s open for %gs after %d failures in a row (last: %s)",
-                *target,
+                vendor,
+                model,
+                base_url,
                 self._config.cool_down_s,
                 circuit.failures,
                 error,
+            )
+
+    def is_open(self, target: tuple[str, str, str]) -> bool:
+        """Whether calls to ``target`` fail fast right now."""
+        with self._lock:
+            circuit = self._circuits.get(target)
+            return (
+                circuit is not None and circuit.failures >= self._config.failures and self._clock() < circuit.open_until
             )
 
     def released(self, target: tuple[str, str, str]) -> None:
@@ -391,6 +409,20 @@ def bounded_timeout(timeout: Any, left_s: float) -> httpx2.Timeout:
         parts = dict.fromkeys(("connect", "read", "write", "pool"), None)
     cut = {k: left_s if v is None else min(float(v), left_s) for k, v in parts.items()}
     return httpx2.Timeout(**cut)
+
+
+class CutTimeout(httpx2.Timeout):
+    """A timeout cut to what a call's deadline leaves, remembering the one it was cut from.
+
+    The SDK keeps a call's options on what it returns (a page keeps them for
+    ``get_next_page()``); a later call that arrives with a cut timeout starts again from
+    ``original``, so a deadline never leaks into another call.
+    """
+
+    def __init__(self, original: Any, left_s: float) -> None:
+        cut = bounded_timeout(original, left_s)
+        super().__init__(connect=cut.connect, read=cut.read, write=cut.write, pool=cut.pool)
+        self.original = original
 
 
 # -- running the attempts of one call ----------------------------------------------------------
@@ -483,6 +515,9 @@ class Retrier:
                         asked if asked is not None else state.upcoming_sleep,
                     )
                     return True
+            if self._breakers is not None and self._breakers.is_open(attempts.target):
+                log.info("tokenguard: %s failed (%s); not retried: its circuit is open", attempts.what, verdict.reason)
+                return True
             if self._budget is not None and not self._budget.take():
                 now = self._clock()
                 if now - self._budget_warned_at >= config.retry_budget_window_s:
@@ -523,7 +558,12 @@ class Retrier:
         if self._breakers is not None:
             self._breakers.admit(attempts.target)
         left = self._left(started)
-        attempts.before_attempt(number, left)
+        try:
+            attempts.before_attempt(number, left)
+        except BaseException:
+            if self._breakers is not None:  # not sent: a half-open trial slot must not stay taken
+                self._breakers.released(attempts.target)
+            raise
         return left
 
     def _end_attempt(self, attempts: Attempts, exc: BaseException | None) -> None:

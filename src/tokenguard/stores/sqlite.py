@@ -475,7 +475,8 @@ class SQLiteStore:
             coalesce(sum(estimated), 0),
             coalesce(sum(cost_usd IS NULL AND outcome IN ('ok', 'incomplete')), 0),
             coalesce(sum(cache_read_tokens), 0), coalesce(sum(cache_write_tokens), 0),
-            coalesce(sum(reasoning_tokens), 0), coalesce(sum(attempts), 0)
+            coalesce(sum(reasoning_tokens), 0), coalesce(sum(attempts), 0),
+            coalesce(sum(outcome = 'blocked'), 0)
             FROM calls{where}"""
         r = self._query(sql, params)[0]
         return Stats(
@@ -496,6 +497,7 @@ class SQLiteStore:
             cache_write_tokens=r[14],
             reasoning_tokens=r[15],
             attempts=r[16],
+            blocked=r[17],
         )
 
     # -- budgets: each operation is one IMMEDIATE transaction, so it is atomic across processes.
