@@ -41,6 +41,18 @@ __all__ = [
 class TokenguardError(Exception):
     """Base class of every exception tokenguard raises itself."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the subclasses take keyword-only arguments: rebuild from the message and the
+        # attributes, so the errors cross process boundaries (pools, queues) intact
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type[Exception], args: tuple[Any, ...], state: dict[str, Any]) -> Exception:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigurationError(TokenguardError, ValueError):
     """A setting has a value tokenguard cannot use; the message names the setting and the value."""

@@ -23,8 +23,10 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigurationError, LoopDetected
@@ -59,7 +61,7 @@ _VOLATILE: Final = re.compile(
     r"(?P<uuid>\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b)"
     r"|(?P<stamp>\b\d{4}-\d{2}-\d{2}[t ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:z|[+-]\d{2}:?\d{2})?)"
     r"|(?P<clock>\b\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\b)"
-    r"|(?P<date>\b\d{4}-\d{2}-\d{2}\b)"
+    r"|(?P<date>\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b)"
     r"|(?P<epoch>\b1\d{9}(?:\d{3})?(?:\.\d+)?\b)"
     r"|(?P<hex>\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}\b)"
     r"|(?P<num>\d+(?:\.\d+)?)",
@@ -76,6 +78,8 @@ _KIND: Final = {
     "num": "number",
 }
 _SPACE: Final = re.compile(r"(?:\s|\\[nrt])+")  # in JSON text: blanks, and escaped newlines and tabs
+_EDGE_SPACE: Final = re.compile(r'(?<=")\s|\s(?=")')  # a blank at either end of a JSON string
+_CLOSE_TO_NOW_S: Final = 86_400.0  # a date-time this close to now is a clock; further away, an item
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,16 +152,40 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _normalize(text: str, found: list[tuple[str, str]]) -> str:
-    """Canonical JSON ``text`` lower-cased, whitespace (escaped or not) collapsed and volatile
-    tokens masked; the masked tokens are appended to ``found`` as (kind, text)."""
+def _when(kind: str, text: str) -> float | None:
+    """The time (epoch seconds) a date-time token names, if it can be read."""
+    try:
+        if kind == "epoch":
+            value = float(text)
+            return value / 1000 if value > 1e11 else value
+        if kind == "stamp":
+            parsed = datetime.fromisoformat(text.upper().replace(" ", "T", 1))
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+def _normalize(text: str, found: list[tuple[str, str]], now: float) -> str:
+    """Canonical JSON ``text`` lower-cased, whitespace (escaped or not) collapsed, and volatile
+    tokens masked; the masked tokens are appended to ``found`` as (kind, text).
+
+    A date-time far from ``now`` is not a clock but an item (a loop carries the current
+    time; a batch over events carries theirs).
+    """
 
     def mask(match: re.Match[str]) -> str:
-        kind = _KIND[match.lastgroup or "num"]
+        group = match.lastgroup or "num"
+        kind = _KIND[group]
+        if group in ("epoch", "stamp"):
+            when = _when(group, match.group(0))
+            if when is None or abs(when - now) > _CLOSE_TO_NOW_S:
+                kind = "item"
         found.append((kind, match.group(0)))
         return f"<{kind}>"
 
-    return _VOLATILE.sub(mask, _SPACE.sub(" ", text.lower()))
+    collapsed = _EDGE_SPACE.sub("", _SPACE.sub(" ", text.lower()))
+    return _VOLATILE.sub(mask, collapsed)
 
 
 def _arguments(raw: Any) -> Any:
@@ -230,23 +258,34 @@ class Prints:
     tool: str | None = None
 
 
-def prints_of(detector: LoopDetector, vendor: str, endpoint: str, body: Mapping[str, Any]) -> Prints:
-    """The fingerprints the detector's levels need, of one request body."""
+def _conversation(body: Mapping[str, Any]) -> list[Any]:
+    """What tells one conversation from another: its instructions and its opening message."""
+    messages = body.get("messages")
+    items = body.get("input")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    if first is None and isinstance(items, list) and items:
+        first = items[0]
+    return [body.get("system"), body.get("instructions"), first]
+
+
+def prints_of(
+    detector: LoopDetector, vendor: str, endpoint: str, body: Mapping[str, Any], now: float | None = None
+) -> Prints:
+    """The fingerprints the detector's levels need, of one request body (``now``: epoch
+    seconds, to tell the current time in a prompt from another date-time)."""
     deciding = _canonical([vendor, endpoint, {k: body[k] for k in _DECIDING if k in body}])
     exact = _digest(deciding)
     normal: str | None = None
     values: tuple[tuple[str, str], ...] = ()
     if detector.normalized:
         found: list[tuple[str, str]] = []
-        shape = _normalize(deciding, found)
-        if shape != deciding:  # with nothing changed, the exact level already says it all
-            normal = _digest(shape)
-            values = tuple(found)
+        normal = _digest(_normalize(deciding, found, time.time() if now is None else now))
+        values = tuple(found)
     tool: str | None = None
     if detector.tool_calls:
         step = _latest_tool_step(body)
         if step:
-            tool = _digest(_canonical([vendor, endpoint, body.get("model"), step]))
+            tool = _digest(_canonical([vendor, endpoint, body.get("model"), _conversation(body), step]))
     return Prints(exact, normal, values, tool)
 
 
@@ -261,7 +300,7 @@ class Decision:
     """What ``decide`` tells the store to do: note the request, quarantine keys."""
 
     record: bool
-    quarantine: Sequence[str] = ()
+    quarantine: Sequence[tuple[str, str]] = ()  # (key, detail of the refused request)
     until: float = 0.0
     loop: LoopDetected | None = None
 
@@ -278,12 +317,13 @@ class LoopStore(Protocol):
         now: float,
         window_s: float,
         keep: int,
-        decide: Callable[[list[History], list[float]], Decision],
+        decide: Callable[[list[History], list[tuple[float, str]]], Decision],
     ) -> Decision:
         """Atomically (across threads, and processes for a shared store): hand ``decide``
-        each key's history inside the window (at most ``keep`` entries, oldest first) and the
-        end of each key's quarantine (0.0: none); then apply its decision — append
-        ``(now, detail)`` to each key when ``record``, and quarantine the keys it names until
+        each key's history inside the window (at most ``keep`` entries, oldest first) and
+        each key's cool-down (until when, and the detail of the request refused last;
+        ``(0.0, "")`` for none); then apply its decision — append ``(now, detail)`` to each
+        key when ``record``, and put the (key, detail) pairs it names in a cool-down until
         ``until``. Entries out of the window are dropped; the total kept is bounded."""
 
 
@@ -294,6 +334,10 @@ class LoopBook:
         self.detector = detector
         self._store = store
         self._clock = clock
+
+    def now(self) -> float:
+        """The detector's clock (epoch seconds)."""
+        return self._clock()
 
     def check(self, prints: Prints, scope: Mapping[str, str]) -> LoopDetected | None:
         """Note one request; return the loop it continues (already raised-worthy in block
@@ -313,40 +357,51 @@ class LoopBook:
             details.append("")
         now = self._clock()
 
-        def decide(histories: list[History], blocked_until: list[float]) -> Decision:
-            found: tuple[str, int, str] | None = None  # (level, repeats, key)
-            for key, until in zip(keys, blocked_until, strict=True):
-                if until > now:
-                    found = ("cool-down", detector.max_repeats + 1, key)
+        def decide(histories: list[History], blocks: list[tuple[float, str]]) -> Decision:
+            found: tuple[str, int, int] | None = None  # (level, repeats, index of the key)
+            for i, (level, (until, last)) in enumerate(zip(levels, blocks, strict=True)):
+                # in its cool-down a key refuses what continues the loop; for the normalized
+                # level, another item of the same shape is not a continuation
+                if until > now and (level != "normalized" or self._continues(last, prints.values)):
+                    found = ("cool-down", max(detector.max_repeats + 1, len(histories[i]) + 1), i)
                     break
-            for level, key, history in zip(levels, keys, histories, strict=True):
+            for i, (level, history) in enumerate(zip(levels, histories, strict=True)):
                 if found is not None:
                     break
                 repeats = self._streak(history, prints.values) if level == "normalized" else len(history) + 1
                 if repeats > detector.max_repeats:
-                    found = (level, repeats, key)
+                    found = (level, repeats, i)
             if found is None:
                 return Decision(record=True)
-            level, repeats, key = found
+            level, repeats, i = found
             loop = LoopDetected(
                 repeats=repeats,
                 window_s=detector.window_s,
-                fingerprint=key,
+                fingerprint=keys[i],
                 level=level,
                 scope=dict(scope),
                 mode=detector.mode,
             )
             if detector.mode == "warn":
                 return Decision(record=True, loop=loop)
-            return Decision(record=False, quarantine=keys, until=now + detector.cool_down_s, loop=loop)
+            # only the key that looped cools down (each refusal restarts its cool-down)
+            return Decision(
+                record=False, quarantine=[(keys[i], details[i])], until=now + detector.cool_down_s, loop=loop
+            )
 
+        # warn mode lets loops run on: keep more history, so ``repeats`` keeps counting
+        keep = detector.max_repeats + 1 if detector.mode == "block" else min(10 * (detector.max_repeats + 1), 1000)
         decision = self._store.loop_observe(
-            keys, details, now=now, window_s=detector.window_s, keep=detector.max_repeats + 1, decide=decide
+            keys, details, now=now, window_s=detector.window_s, keep=keep, decide=decide
         )
         loop = decision.loop
         if loop is not None:
             self._report(loop)
         return loop
+
+    def _continues(self, detail: str, values: tuple[tuple[str, str], ...]) -> bool:
+        """Whether a request with ``values`` continues the run that ended with ``detail``."""
+        return self._streak([(0.0, detail)], values) > 1
 
     def _streak(self, history: History, values: tuple[tuple[str, str], ...]) -> int:
         """How many requests in a row, ending with this one, changed only like a loop does."""

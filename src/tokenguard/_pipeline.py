@@ -210,8 +210,6 @@ class Pipeline:
             ts=self._now(),
             started=time.perf_counter(),
         )
-        if self.loops is not None and self.loops.detector.count_cache_hits:
-            self._check_loop(call)  # before the cache: a loop answered from the cache is still a loop
         if self.cache is not None and cache_context is not None:
             control = current_cache_control()
             wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
@@ -244,6 +242,8 @@ class Pipeline:
         entry = self.cache.lookup(call.cache_key)
         if entry is not None:
             call.cache_entry = entry
+            if self.loops is not None and self.loops.detector.count_cache_hits:
+                self._check_loop(call)  # a loop answered from the cache is still a loop
             return call
         if gave_up:
             return self._admit(call)
@@ -257,13 +257,14 @@ class Pipeline:
         return self._admit(call)
 
     def _admit(self, call: Call, *, first: bool = True) -> Call:
-        """The checks before sending: loops (once per call), the price, then every budget's
-        reservation."""
-        if first and self.loops is not None and not self.loops.detector.count_cache_hits:
-            self._check_loop(call)
+        """The checks before sending: the price, every budget's reservation, then (once per
+        call, not per retry) the loop detector — last, so that a call refused for another
+        reason is not a repeat."""
         adapter, endpoint, body = call.adapter, call.endpoint, call.body
         budgets = self.budgets
         if not self.require_prices and budgets is None:
+            if first and self.loops is not None:
+                self._check_loop(call)
             return call
         card = self.prices.card(adapter.vendor, call.model)
         if card is None and (self.require_prices or (budgets is not None and budgets.has_usd)):
@@ -280,7 +281,18 @@ class Pipeline:
                 self._block(call, "budget")
                 self.land(call)
                 raise
+        if first and self.loops is not None:
+            self._check_loop(call)  # releases the reservation if it refuses the call
         return call
+
+    def _release(self, call: Call) -> None:
+        """Give back the call's reservation (it will not be sent)."""
+        if call.hold is not None and self.budgets is not None:
+            try:
+                self.budgets.settle(call.hold, call.scope, Usage(), Decimal(0))
+            except Exception:  # the hold expires on its own
+                log.exception("tokenguard: could not release the budgets of a refused %s call", call.endpoint.name)
+            call.hold = None
 
     def land(self, call: Call) -> None:
         """End the call's cache flight, if it leads one (followers look the cache up again)."""
@@ -305,14 +317,19 @@ class Pipeline:
         ``blocked`` row) when it continues a loop in block mode."""
         loops = self.loops
         assert loops is not None
+        if call.endpoint.name == "embeddings":  # ingestion re-embeds boilerplate chunks by design
+            return
         try:
             if call.prints is None:
-                call.prints = prints_of(loops.detector, call.adapter.vendor, call.endpoint.name, call.body)
+                call.prints = prints_of(
+                    loops.detector, call.adapter.vendor, call.endpoint.name, call.body, now=loops.now()
+                )
             loop = loops.check(call.prints, call.scope)
         except Exception:  # a broken loop store must not fail every call: the check is skipped
             log.exception("tokenguard: the loop detector could not check a %s call", call.endpoint.name)
             return
         if loop is not None and loops.detector.mode == "block":
+            self._release(call)
             self._block(call, "loop")
             self.land(call)
             raise loop

@@ -32,7 +32,7 @@ class MemoryStore:
         self._alerts: set[tuple[str, float, float]] = set()
         # the loop detector: per key, its latest (time, detail) entries; quarantines
         self._loops: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
-        self._loop_blocks: dict[str, float] = {}
+        self._loop_cooldowns: dict[str, tuple[float, str]] = {}
 
     def record(self, row: LedgerRow) -> None:
         """Append one row."""
@@ -74,19 +74,19 @@ class MemoryStore:
         now: float,
         window_s: float,
         keep: int,
-        decide: Callable[[list[list[tuple[float, str]]], list[float]], Decision],
+        decide: Callable[[list[list[tuple[float, str]]], list[tuple[float, str]]], Decision],
     ) -> Decision:
         """See ``tokenguard._loops.LoopStore`` (atomic across this process's threads)."""
         with self._lock:
             histories: list[list[tuple[float, str]]] = []
-            blocked: list[float] = []
+            blocked: list[tuple[float, str]] = []
             for key in keys:
                 entries = self._loops.get(key)
                 if entries is not None:
                     while entries and entries[0][0] <= now - window_s:
                         entries.popleft()
                 histories.append(list(entries) if entries else [])
-                blocked.append(self._loop_blocks.get(key, 0.0))
+                blocked.append(self._loop_cooldowns.get(key, (0.0, "")))
             decision = decide(histories, blocked)
             if decision.record:
                 for key, detail in zip(keys, details, strict=True):
@@ -97,10 +97,10 @@ class MemoryStore:
                     entries.append((now, detail))
                 while len(self._loops) > _LOOP_KEYS:
                     self._loops.popitem(last=False)
-            for key in decision.quarantine:
-                self._loop_blocks[key] = decision.until
-            if len(self._loop_blocks) > _LOOP_KEYS:
-                self._loop_blocks = {k: t for k, t in self._loop_blocks.items() if t > now}
+            for key, detail in decision.quarantine:
+                self._loop_cooldowns[key] = (decision.until, detail)
+            if len(self._loop_cooldowns) > _LOOP_KEYS:
+                self._loop_cooldowns = {k: b for k, b in self._loop_cooldowns.items() if b[0] > now}
             return decision
 
     def flush(self) -> None:

@@ -107,9 +107,10 @@ CREATE TABLE IF NOT EXISTS loop_events (
 );
 CREATE INDEX IF NOT EXISTS loop_events_key ON loop_events (key, ts);
 CREATE INDEX IF NOT EXISTS loop_events_ts ON loop_events (ts);
-CREATE TABLE IF NOT EXISTS loop_blocks (
+CREATE TABLE IF NOT EXISTS loop_cooldowns (
     key TEXT PRIMARY KEY,
-    until REAL NOT NULL
+    until REAL NOT NULL,
+    detail TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 _COLUMNS: Final = (
@@ -719,14 +720,14 @@ class SQLiteStore:
         now: float,
         window_s: float,
         keep: int,
-        decide: Callable[[list[list[tuple[float, str]]], list[float]], Decision],
+        decide: Callable[[list[list[tuple[float, str]]], list[tuple[float, str]]], Decision],
     ) -> Decision:
         """See ``tokenguard._loops.LoopStore``: atomic across the processes sharing this file."""
 
         marks = ", ".join("?" * len(keys))
         order = "ORDER BY key, ts DESC, rowid DESC"
         select_events = f"SELECT key, ts, detail FROM loop_events WHERE key IN ({marks}) AND ts > ? {order}"
-        select_blocks = f"SELECT key, until FROM loop_blocks WHERE key IN ({marks}) AND until > ?"
+        select_blocks = f"SELECT key, until, detail FROM loop_cooldowns WHERE key IN ({marks}) AND until > ?"
 
         def work(conn: sqlite3.Connection) -> Decision:
             found: dict[str, list[tuple[float, str]]] = {key: [] for key in keys}
@@ -735,8 +736,10 @@ class SQLiteStore:
                 if len(entries) < keep:
                     entries.append((float(ts), str(detail)))
             histories = [found[key][::-1] for key in keys]
-            until = dict(conn.execute(select_blocks, (*keys, now)).fetchall())
-            decision = decide(histories, [float(until.get(key, 0.0)) for key in keys])
+            blocks = {
+                key: (float(until), str(detail)) for key, until, detail in conn.execute(select_blocks, (*keys, now))
+            }
+            decision = decide(histories, [blocks.get(key, (0.0, "")) for key in keys])
             if decision.record:
                 rows = [(key, now, detail) for key, detail in zip(keys, details, strict=True)]
                 conn.executemany("INSERT INTO loop_events VALUES (?, ?, ?)", rows)
@@ -747,12 +750,12 @@ class SQLiteStore:
                             "WHERE key = ? ORDER BY ts DESC, rowid DESC LIMIT ?)",
                             (key, key, keep),
                         )
-            for key in decision.quarantine:
-                conn.execute("INSERT OR REPLACE INTO loop_blocks VALUES (?, ?)", (key, decision.until))
+            for key, detail in decision.quarantine:
+                conn.execute("INSERT OR REPLACE INTO loop_cooldowns VALUES (?, ?, ?)", (key, decision.until, detail))
             self._loop_writes += 1
             if self._loop_writes % _LOOP_SWEEP_EVERY == 0:  # entries out of the window, of any key
                 conn.execute("DELETE FROM loop_events WHERE ts <= ?", (now - window_s,))
-                conn.execute("DELETE FROM loop_blocks WHERE until <= ?", (now,))
+                conn.execute("DELETE FROM loop_cooldowns WHERE until <= ?", (now,))
             return decision
 
         result: Decision = self._transaction(work)
