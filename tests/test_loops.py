@@ -1627,3 +1627,17 @@ def test_a_refused_loop_gives_back_its_budget_reservation(make: Callable[..., Gu
         chat(client, model=PLAIN)
     (status,) = g.budget_status()
     assert status.held_usd == 0
+
+
+def test_a_ledger_written_before_the_loop_detector_is_upgraded(tmp_path: Path, clock: Clock) -> None:
+    """A SQLite ledger from an earlier release (schema 2: no loop tables) gets them when opened."""
+    path = tmp_path / "old.db"
+    Guard(store=f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.executescript("DROP TABLE loop_events; DROP TABLE loop_cooldowns; PRAGMA user_version=2;")
+    g = Guard(store=f"sqlite:///{path}", retry=False, clock=clock, loops=LoopDetector(max_repeats=1))
+    client = FakeLLM().openai(guard=g)
+    chat(client)
+    with pytest.raises(LoopDetected):
+        chat(client)
+    g.close()

@@ -58,14 +58,16 @@ _DECIDING: Final = (
 
 # volatile tokens, in order of precedence; the group name is the kind
 _VOLATILE: Final = re.compile(
-    r"(?P<uuid>\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b)"
-    r"|(?P<stamp>\b\d{4}-\d{2}-\d{2}[t ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:z|[+-]\d{2}:?\d{2})?)"
-    r"|(?P<clock>\b\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\b)"
-    r"|(?P<date>\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\b\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b)"
-    r"|(?P<epoch>\b1\d{9}(?:\d{3})?(?:\.\d+)?\b)"
-    r"|(?P<hex>\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}\b)"
-    r"|(?P<num>\d+(?:\.\d+)?)",
-    re.IGNORECASE,
+    # (matched against lower-cased text) a token starts where a word does, with a hex digit
+    r"(?<![0-9a-z])(?=[0-9a-f])(?:"
+    r"(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b)"
+    r"|(?P<stamp>\d{4}-\d{2}-\d{2}[t ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:z|[+-]\d{2}:?\d{2})?)"
+    r"|(?P<clock>\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\b)"
+    r"|(?P<date>\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b)"
+    r"|(?P<epoch>1\d{9}(?:\d{3})?(?:\.\d+)?\b)"
+    r"|(?P<hex>(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}\b)"
+    # ... and any other number, wherever it starts
+    r")|(?<![\d.])(?P<num>\d+(?:\.\d+)?)"
 )
 # what a kind of token means when it changes between two requests
 _KIND: Final = {

@@ -49,7 +49,7 @@ except ImportError:  # Windows: writers wait on SQLite's lock alone
 log = logging.getLogger("tokenguard")
 _MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
 
-_SCHEMA_VERSION: Final = 2
+_SCHEMA_VERSION: Final = 3  # 3: the loop detector's tables
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
