@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
 from ._cache import Cache
@@ -103,32 +103,11 @@ class Guard:
             or not (0 <= settle_delay_s <= 10)
         ):
             raise ConfigurationError("settle_delay_s", settle_delay_s, "must be between 0 and 10 seconds")
-        if cache is True:
-            response_cache: Cache | None = Cache()
-        elif cache is False or cache is None:
-            response_cache = None
-        elif isinstance(cache, Cache):
-            response_cache = cache
-        else:
-            raise ConfigurationError("cache", cache, "must be True, False or a tokenguard.Cache")
+        response_cache = _protection("cache", cache, Cache)
         self.cache = response_cache
-        if retry is True:
-            retrying: Retry | None = Retry()
-        elif retry is False or retry is None:
-            retrying = None
-        elif isinstance(retry, Retry):
-            retrying = retry
-        else:
-            raise ConfigurationError("retry", retry, "must be True, False or a tokenguard.Retry")
+        retrying = _protection("retry", retry, Retry)
         self.retry = retrying
-        if loops is True:
-            detector: LoopDetector | None = LoopDetector()
-        elif loops is False or loops is None:
-            detector = None
-        elif isinstance(loops, LoopDetector):
-            detector = loops
-        else:
-            raise ConfigurationError("loops", loops, "must be True, False or a tokenguard.LoopDetector")
+        detector = _protection("loops", loops, LoopDetector)
         self.loops = detector
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
@@ -297,6 +276,21 @@ def _env_flag(name: str) -> bool:
     if value in _FALSE:
         return False
     raise ConfigurationError(name, raw, "use 1/0, true/false, yes/no or on/off")
+
+
+_P = TypeVar("_P")
+
+
+def _protection(setting: str, value: object, kind: type[_P]) -> _P | None:
+    """A protection setting: ``True`` for ``kind()`` with its defaults, ``False`` (or ``None``)
+    for none, or a configured ``kind`` instance."""
+    if value is True:
+        return kind()
+    if value is False or value is None:
+        return None
+    if isinstance(value, kind):
+        return value
+    raise ConfigurationError(setting, value, f"must be True, False or a tokenguard.{kind.__name__}")
 
 
 def default_guard() -> Guard:
