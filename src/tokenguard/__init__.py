@@ -20,8 +20,8 @@ from ._errors import (
     UnpricedModelError,
     UnpricedModelWarning,
 )
-from ._guard import Guard, default_guard, set_default_guard
-from ._ledger import LedgerRow, Stats, Store
+from ._guard import Guard, default_guard, record_outcome, set_default_guard
+from ._ledger import LedgerRow, OutcomeRow, Stats, Store
 from ._loops import LoopDetector
 from ._pricing import register_price
 from ._retry import CircuitBreaker, Retry
@@ -49,6 +49,7 @@ __all__ = [
     "LoopDetected",
     "LoopDetector",
     "OpenAI",
+    "OutcomeRow",
     "Retry",
     "SpendRate",
     "Stats",
@@ -65,6 +66,7 @@ __all__ = [
     "current_scope",
     "default_guard",
     "log_alert",
+    "record_outcome",
     "register_price",
     "scope",
     "set_default_guard",

@@ -13,21 +13,22 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
 from ._cache import Cache
 from ._errors import ConfigurationError
-from ._ledger import LedgerRow, Stats, Store
+from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Stats, Store
 from ._loops import LoopBook, LoopDetector, LoopStore
 from ._periods import period_start
 from ._pipeline import Pipeline
 from ._pricing import PriceBook
 from ._retry import Retrier, Retry
-from ._scope import validate_scope
+from ._scope import current_scope, validate_scope
 from .stores import open_store
 
-__all__ = ["Guard", "default_guard", "set_default_guard"]
+__all__ = ["Guard", "default_guard", "record_outcome", "set_default_guard"]
 
 _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off", ""}
@@ -182,6 +183,21 @@ class Guard:
         self._pipeline.drain()
         return self._budgets.status(validate_scope(scope))
 
+    def record_outcome(self, name: str, count: int = 1, **scope: str | int) -> None:
+        """Record that the application got something out of its calls — an answer accepted,
+        a ticket resolved — so that ``tokenguard report`` shows the cost per outcome. The
+        scope is the current ``tokenguard.scope()`` plus the attributes given."""
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            raise ConfigurationError(
+                "record_outcome.name", name, "must be a non-empty string of at most 128 characters"
+            )
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError("record_outcome.count", count, "must be an int >= 1")
+        if not isinstance(self._store, OutcomeStore):
+            raise ConfigurationError("store", self._store, "this store cannot keep outcomes")
+        attrs = {**current_scope(), **validate_scope(scope, setting="record_outcome")}
+        self._store.record_outcome(OutcomeRow(self._clock(), name.strip(), MappingProxyType(attrs), count))
+
     def register_price(
         self,
         model: str,
@@ -304,6 +320,13 @@ def default_guard() -> Guard:
         if _default is None:
             _default = Guard(require_prices=_env_flag("TOKENGUARD_REQUIRE_PRICES"))
         return _default
+
+
+def record_outcome(name: str, count: int = 1, *, guard: Guard | None = None, **scope: str | int) -> None:
+    """Record an outcome (an answer accepted, a ticket resolved) on ``guard`` (default: the
+    process-wide guard): ``tokenguard report`` shows spend per outcome, never a ranking by
+    token volume. See ``Guard.record_outcome``."""
+    (guard if guard is not None else default_guard()).record_outcome(name, count, **scope)
 
 
 def set_default_guard(guard: Guard | None) -> None:

@@ -17,7 +17,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 from ._usage import Usage
 
-__all__ = ["OUTCOMES", "LedgerRow", "Outcome", "Stats", "Store", "matches_scope"]
+__all__ = ["OUTCOMES", "LedgerRow", "Outcome", "OutcomeRow", "OutcomeStore", "Stats", "Store", "matches_scope"]
 
 Outcome = Literal["ok", "error", "incomplete", "cache_hit", "blocked"]
 OUTCOMES: Final = ("ok", "error", "incomplete", "cache_hit", "blocked")
@@ -126,6 +126,34 @@ class Stats:
             spent += row.cost_usd or 0
             saved += row.saved_usd or 0
         return cls(spent_usd=spent, saved_usd=saved, **acc)
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """Something an application got out of its calls (``tokenguard.record_outcome``): an
+    answer accepted, a ticket resolved. Reports divide spend by outcomes, not by tokens."""
+
+    ts: datetime
+    name: str
+    scope: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    count: int = 1
+
+
+@runtime_checkable
+class OutcomeStore(Protocol):
+    """A store that keeps outcomes next to the ledger (memory, SQLite)."""
+
+    def record_outcome(self, row: OutcomeRow) -> None:
+        """Keep one outcome."""
+
+    def outcomes(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[OutcomeRow]:
+        """The matching outcomes, oldest first (``since`` inclusive, ``until`` exclusive)."""
 
 
 def matches_scope(row_scope: Mapping[str, str], wanted: Mapping[str, str]) -> bool:

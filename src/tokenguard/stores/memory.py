@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits
-from .._ledger import LedgerRow, Stats, matches_scope
+from .._ledger import LedgerRow, OutcomeRow, Stats, matches_scope
 from .._loops import Decision
 
 __all__ = ["MemoryStore"]
@@ -25,6 +25,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._rows: list[LedgerRow] = []
+        self._outcomes: list[OutcomeRow] = []
         self._lock = threading.Lock()
         # budgets: per key and period [spent, held, spent tokens, held tokens]; holds per owner
         self._spend: dict[tuple[str, float], list[Any]] = {}
@@ -57,6 +58,26 @@ class MemoryStore:
             if scope and not matches_scope(row.scope, scope):
                 continue
             yield row
+
+    def record_outcome(self, row: OutcomeRow) -> None:
+        """Keep one outcome."""
+        with self._lock:
+            self._outcomes.append(row)
+
+    def outcomes(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[OutcomeRow]:
+        """The matching outcomes, oldest first."""
+        with self._lock:
+            snapshot = list(self._outcomes)
+        for row in sorted(snapshot, key=lambda r: r.ts):
+            in_time = (since is None or row.ts >= since) and (until is None or row.ts < until)
+            if in_time and (not scope or matches_scope(row.scope, scope)):
+                yield row
 
     def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
         """Settled USD of the matching rows."""

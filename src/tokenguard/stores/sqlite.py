@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
-from .._ledger import LedgerRow, Stats
+from .._ledger import LedgerRow, OutcomeRow, Stats
 from .._loops import Decision
 from .._usage import Usage
 
@@ -49,7 +49,7 @@ except ImportError:  # Windows: writers wait on SQLite's lock alone
 log = logging.getLogger("tokenguard")
 _MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
 
-_SCHEMA_VERSION: Final = 3  # 3: the loop detector's tables
+_SCHEMA_VERSION: Final = 3  # 3: the loop detector's tables, outcomes
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
@@ -100,6 +100,14 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     threshold REAL NOT NULL,
     PRIMARY KEY (key, period_start, threshold)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
 CREATE TABLE IF NOT EXISTS loop_events (
     key TEXT NOT NULL,
     ts REAL NOT NULL,
@@ -456,6 +464,29 @@ class SQLiteStore:
                 latency_s=r[17],
                 stream=bool(r[18]),
                 request_id=r[19],
+            )
+
+    def record_outcome(self, row: OutcomeRow) -> None:
+        """Keep one outcome (its own transaction: outcomes are few)."""
+        values = (row.ts.timestamp(), row.name, json.dumps(dict(row.scope), sort_keys=True), row.count)
+        self._transaction(
+            lambda conn: conn.execute("INSERT INTO outcomes (ts, name, scope, count) VALUES (?, ?, ?, ?)", values)
+        )
+
+    def outcomes(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[OutcomeRow]:
+        """The matching outcomes, oldest first."""
+        where, params = _where(since, until, scope)
+        for ts, name, row_scope, count in self._query(
+            f"SELECT ts, name, scope, count FROM outcomes{where} ORDER BY ts, id", params
+        ):
+            yield OutcomeRow(
+                datetime.fromtimestamp(ts, tz=UTC), name, MappingProxyType(json.loads(row_scope)), int(count)
             )
 
     def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:

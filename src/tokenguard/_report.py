@@ -1,0 +1,276 @@
+"""Reports: the ledger (and the outcomes) added up by user, project, model, day or any scope
+attribute — the data behind ``tokenguard report`` in every format.
+
+Cost per outcome, not volume: a group's ``cost_per_outcome`` is its spend over the
+outcomes the application recorded for it (``tokenguard.record_outcome``). Groups come out
+in the order of their key (names, dates), never ranked by token volume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, Final
+
+from ._errors import ConfigurationError
+from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store
+from ._scope import validate_scope
+
+__all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
+
+NONE: Final = "(none)"
+# columns that are not scope attributes
+_BUILTIN: Final = ("model", "vendor", "endpoint", "day", "month", "outcome")
+
+
+@dataclass(slots=True)
+class Group:
+    """The totals of one group of calls."""
+
+    key: tuple[str, ...]
+    calls: int = 0
+    sent: int = 0  # calls that reached the vendor (not hits, not blocked)
+    cache_hits: int = 0
+    spent_usd: Decimal = Decimal(0)
+    saved_usd: Decimal = Decimal(0)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    retries: int = 0
+    errors: int = 0
+    loops_blocked: int = 0
+    budget_blocks: int = 0
+    other_blocks: int = 0
+    estimated: int = 0
+    unpriced: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def outcome_count(self) -> int:
+        """All outcomes recorded for the group."""
+        return sum(self.outcomes.values())
+
+    @property
+    def cost_per_outcome(self) -> Decimal | None:
+        """Spend per recorded outcome (``None`` when the group has none)."""
+        count = self.outcome_count
+        return (self.spent_usd / count).quantize(Decimal("0.000001")) if count else None
+
+    def add(self, row: LedgerRow) -> None:
+        self.calls += 1
+        outcome = row.outcome
+        self.cache_hits += outcome == "cache_hit"
+        self.sent += outcome not in ("cache_hit", "blocked")
+        self.errors += outcome == "error"
+        if outcome == "blocked":
+            if row.error == "loop":
+                self.loops_blocked += 1
+            elif row.error == "budget":
+                self.budget_blocks += 1
+            else:
+                self.other_blocks += 1
+        self.spent_usd += row.cost_usd or 0
+        self.saved_usd += row.saved_usd or 0
+        self.input_tokens += row.usage.input_tokens
+        self.output_tokens += row.usage.output_tokens
+        self.retries += max(row.attempts - 1, 0)
+        self.estimated += row.estimated
+        self.unpriced += row.cost_usd is None and outcome in ("ok", "incomplete")
+
+    def as_dict(self, by: Sequence[str]) -> dict[str, Any]:
+        """The group as plain JSON-able data (money as strings: exact)."""
+        cost = self.cost_per_outcome
+        return {
+            **dict(zip(by, self.key, strict=True)),
+            "calls": self.calls,
+            "sent": self.sent,
+            "cache_hits": self.cache_hits,
+            "spent_usd": str(self.spent_usd),
+            "saved_usd": str(self.saved_usd),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "retries": self.retries,
+            "errors": self.errors,
+            "loops_blocked": self.loops_blocked,
+            "budget_blocks": self.budget_blocks,
+            "other_blocks": self.other_blocks,
+            "estimated_calls": self.estimated,
+            "unpriced_calls": self.unpriced,
+            "outcomes": self.outcome_count,
+            "cost_per_outcome_usd": None if cost is None else str(cost),
+        }
+
+
+FIELDS: Final = (
+    "calls",
+    "sent",
+    "cache_hits",
+    "spent_usd",
+    "saved_usd",
+    "input_tokens",
+    "output_tokens",
+    "retries",
+    "errors",
+    "loops_blocked",
+    "budget_blocks",
+    "other_blocks",
+    "estimated_calls",
+    "unpriced_calls",
+    "outcomes",
+    "cost_per_outcome_usd",
+)
+
+
+@dataclass(slots=True)
+class Report:
+    """A report: the groups, their total, and spend per day (for a chart)."""
+
+    by: tuple[str, ...]
+    since: datetime | None
+    until: datetime | None
+    groups: list[Group]
+    total: Group
+    daily: list[tuple[date, Decimal, Decimal]]  # (day, spent, saved)
+    store: str
+    generated_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        """The whole report as JSON-able data."""
+        return {
+            "store": self.store,
+            "generated_at": self.generated_at.isoformat(),
+            "since": None if self.since is None else self.since.isoformat(),
+            "until": None if self.until is None else self.until.isoformat(),
+            "by": list(self.by),
+            "groups": [g.as_dict(self.by) for g in self.groups],
+            "total": self.total.as_dict([]) if not self.by else {**self.total.as_dict(self.by)},
+            "daily": [{"day": d.isoformat(), "spent_usd": str(s), "saved_usd": str(v)} for d, s, v in self.daily],
+        }
+
+    def to_json(self) -> str:
+        """The report as JSON."""
+        return json.dumps(self.as_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        """One CSV row per group (a header first)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([*self.by, *FIELDS])
+        for group in self.groups:
+            data = group.as_dict(self.by)
+            writer.writerow([*group.key, *("" if data[f] is None else data[f] for f in FIELDS)])
+        return out.getvalue()
+
+
+def _label(name: str) -> Callable[[LedgerRow], str]:
+    if name == "model":
+        return lambda row: row.model
+    if name == "vendor":
+        return lambda row: row.vendor
+    if name == "endpoint":
+        return lambda row: row.endpoint
+    if name == "day":
+        return lambda row: row.ts.astimezone(UTC).date().isoformat()
+    if name == "month":
+        return lambda row: row.ts.astimezone(UTC).strftime("%Y-%m")
+    if name == "outcome":
+        return lambda row: row.outcome if row.outcome != "blocked" else f"blocked ({row.error})"
+    return lambda row: row.scope.get(name, NONE)
+
+
+def _outcome_label(name: str) -> Callable[[OutcomeRow], str | None]:
+    """How an outcome is grouped: ``None`` when the grouping does not apply to outcomes (a
+    model, a vendor: an outcome belongs to no single call)."""
+    if name in ("model", "vendor", "endpoint", "outcome"):
+        return lambda row: None
+    if name == "day":
+        return lambda row: row.ts.astimezone(UTC).date().isoformat()
+    if name == "month":
+        return lambda row: row.ts.astimezone(UTC).strftime("%Y-%m")
+    return lambda row: row.scope.get(name, NONE)
+
+
+def check_by(by: Iterable[str]) -> tuple[str, ...]:
+    """The grouping attributes, checked (``--by user,day``)."""
+    names = tuple(n.strip() for n in by if n.strip())
+    for name in names:
+        if name not in _BUILTIN:
+            validate_scope({name: "x"}, setting="by")
+    if len(set(names)) != len(names):
+        raise ConfigurationError("by", ",".join(names), "names an attribute twice")
+    return names
+
+
+def parse_when(text: str | None, *, setting: str, now: datetime | None = None) -> datetime | None:
+    """A ``--since`` / ``--until`` value: an ISO date or date-time (UTC unless it says), or a
+    span back from now: ``7d``, ``12h``, ``30m``."""
+    if text is None or text == "":
+        return None
+    now = now or datetime.now(UTC)
+    spans = {"d": 86_400, "h": 3_600, "m": 60}
+    if text[-1:] in spans and text[:-1].isdigit():
+        return datetime.fromtimestamp(now.timestamp() - int(text[:-1]) * spans[text[-1]], tz=UTC)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigurationError(
+            setting, text, "use an ISO date (2026-11-01), a date-time, or 7d / 12h / 30m"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def build_report(
+    store: Store,
+    *,
+    by: Sequence[str] = ("user",),
+    since: datetime | None = None,
+    until: datetime | None = None,
+    scope: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    now: datetime | None = None,
+) -> Report:
+    """Add up the store's rows (and outcomes) in ``[since, until)`` matching ``scope``,
+    grouped by ``by``. ``progress`` is called with the rows read so far, every 10,000."""
+    names = check_by(by)
+    labels = [_label(n) for n in names]
+    groups: dict[tuple[str, ...], Group] = {}
+    total = Group(key=tuple("(all)" for _ in names))
+    daily: dict[date, list[Decimal]] = {}
+    for i, row in enumerate(store.rows(since=since, until=until, scope=dict(scope or {}))):
+        key = tuple(label(row) for label in labels)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = Group(key=key)
+        group.add(row)
+        total.add(row)
+        day = daily.setdefault(row.ts.astimezone(UTC).date(), [Decimal(0), Decimal(0)])
+        day[0] += row.cost_usd or 0
+        day[1] += row.saved_usd or 0
+        if progress is not None and (i + 1) % 10_000 == 0:
+            progress(i + 1)
+    if isinstance(store, OutcomeStore):
+        outcome_labels = [_outcome_label(n) for n in names]
+        for outcome in store.outcomes(since=since, until=until, scope=dict(scope or {})):
+            total.outcomes[outcome.name] = total.outcomes.get(outcome.name, 0) + outcome.count
+            parts = [label(outcome) for label in outcome_labels]
+            if any(p is None for p in parts):
+                continue
+            key = tuple(p for p in parts if p is not None)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(key=key)
+            group.outcomes[outcome.name] = group.outcomes.get(outcome.name, 0) + outcome.count
+    return Report(
+        by=names,
+        since=since,
+        until=until,
+        groups=[groups[k] for k in sorted(groups)],
+        total=total,
+        daily=[(d, v[0], v[1]) for d, v in sorted(daily.items())],
+        store=getattr(store, "url", type(store).__name__),
+        generated_at=now or datetime.now(UTC),
+    )
