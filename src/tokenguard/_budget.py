@@ -602,6 +602,22 @@ class BudgetBook:
             )
         return out
 
+    def status_all(self) -> list[BudgetStatus]:
+        """Where every budget stands now, each ``per=`` budget for every value seen this period."""
+        out: list[BudgetStatus] = []
+        lister = getattr(self._store, "budget_keys", None)
+        for budget in self.budgets:
+            if budget.per is None or lister is None:
+                out.extend(s for s in self.status({}) if s.budget is budget)
+                continue
+            begins = period_start(budget.period, self._clock())
+            start = 0.0 if begins is None else begins.timestamp()
+            prefix = f"{budget.id}|"
+            for key in sorted(lister(prefix, start)):
+                value = key[len(prefix) :]
+                out.extend(s for s in self.status({budget.per: value}) if s.budget is budget)
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:

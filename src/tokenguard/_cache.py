@@ -383,6 +383,7 @@ class Cache:
         self.backend_name = backend
         self.ttl_s = float(ttl_s)
         self.max_entry_bytes = int(max_entry_kb * 1024)
+        self.max_size_mb = float(max_size_mb)
         self.cache_all = bool(cache_all)
         self.share_across_keys = bool(share_across_keys)
         self._clock = clock

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from ._budget import Alert, Budget, BudgetBook, BudgetStatus, BudgetStore, SpendRate
 from ._cache import Cache
@@ -29,9 +29,6 @@ from ._scope import current_scope, validate_scope
 from .stores import open_store
 
 __all__ = ["Guard", "default_guard", "record_outcome", "set_default_guard"]
-
-_TRUE: Final = {"1", "true", "yes", "on"}
-_FALSE: Final = {"0", "false", "no", "off", ""}
 
 
 class Guard:
@@ -183,6 +180,14 @@ class Guard:
         self._pipeline.drain()
         return self._budgets.status(validate_scope(scope))
 
+    def budget_overview(self) -> list[BudgetStatus]:
+        """Where every budget stands in its current period; a ``per=`` budget once for each
+        value that spent (or holds) something this period."""
+        if self._budgets is None:
+            return []
+        self._pipeline.drain()
+        return self._budgets.status_all()
+
     def record_outcome(self, name: str, count: int = 1, **scope: str | int) -> None:
         """Record that the application got something out of its calls — an answer accepted,
         a ticket resolved — so that ``tokenguard report`` shows the cost per outcome. The
@@ -284,16 +289,6 @@ _default: Guard | None = None
 _default_lock = threading.Lock()
 
 
-def _env_flag(name: str) -> bool:
-    raw = os.environ.get(name, "")
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(name, raw, "use 1/0, true/false, yes/no or on/off")
-
-
 _P = TypeVar("_P")
 
 
@@ -312,13 +307,17 @@ def _protection(setting: str, value: object, kind: type[_P]) -> _P | None:
 def default_guard() -> Guard:
     """The process-wide guard used by clients created without ``guard=``.
 
-    Built on first use from the environment: ``TOKENGUARD_STORE`` (a store URL; default:
-    the SQLite ledger in the user data directory) and ``TOKENGUARD_REQUIRE_PRICES``.
+    Built on first use from the configuration: environment variables (``TOKENGUARD_STORE``,
+    ``TOKENGUARD_CACHE``, ``TOKENGUARD_RETRY_ATTEMPTS`` ...), then ``tokenguard.toml``, then
+    ``[tool.tokenguard]`` in ``pyproject.toml`` (``tokenguard config`` shows the effective
+    values and where each came from).
     """
     global _default
     with _default_lock:
         if _default is None:
-            _default = Guard(require_prices=_env_flag("TOKENGUARD_REQUIRE_PRICES"))
+            from ._config import load_config
+
+            _default = Guard(**load_config().guard_kwargs())
         return _default
 
 

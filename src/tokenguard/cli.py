@@ -10,12 +10,15 @@ traceback.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -33,50 +36,46 @@ def _usd(amount: Decimal | None, places: int = 4) -> str:
     return f"${amount:,.{places}f}"
 
 
-def _row(group: Group, by: Sequence[str]) -> list[str]:
+_WIDE: Final = 110  # a console at least this wide gets every column
+
+
+def _row(group: Group, wide: bool) -> list[str]:
     cost = group.cost_per_outcome
-    return [
-        *group.key,
-        f"{group.calls:,}",
-        f"{group.cache_hits:,}",
-        _usd(group.spent_usd),
-        _usd(group.saved_usd),
-        f"{group.input_tokens:,}",
-        f"{group.output_tokens:,}",
-        f"{group.retries:,}",
-        f"{group.loops_blocked:,}",
-        f"{group.budget_blocks:,}",
-        f"{group.outcome_count:,}" if group.outcomes else "-",
-        _usd(cost),
-    ]
+    cells = [*group.key, f"{group.calls:,}", f"{group.cache_hits:,}", _usd(group.spent_usd), _usd(group.saved_usd)]
+    if wide:
+        cells += [f"{group.retries:,}", f"{group.loops_blocked:,}", f"{group.budget_blocks:,}"]
+    return [*cells, f"{group.outcome_count:,}" if group.outcomes else "-", _usd(cost)]
 
 
 def print_report(report: Report, console: Console) -> None:
-    """The report as a table: one row per group and a total; cost per outcome last."""
+    """The report as a table: one row per group and a total; cost per outcome last. A narrow
+    console gets the money columns; retries, loops and blocks are then in the summary line."""
     title = "tokenguard report"
     if report.since or report.until:
         since = report.since.strftime("%Y-%m-%d %H:%M") if report.since else "start"
         until = report.until.strftime("%Y-%m-%d %H:%M") if report.until else "now"
         title += f" ({since} → {until} UTC)"
-    table = Table(title=title, caption=f"store: {report.store}", header_style="bold")
+    wide = console.width >= _WIDE
+    table = Table(title=title, caption=f"store: {report.store}", header_style="bold", box=box.SIMPLE_HEAD)
     for name in report.by:
-        table.add_column(name)
-    for name in ("calls", "cache hits", "spent", "saved", "input tok", "output tok", "retries", "loops", "budget"):
-        table.add_column(name, justify="right")
-    table.add_column("outcomes", justify="right")
-    table.add_column("cost/outcome", justify="right", style="bold")
+        table.add_column(name, overflow="fold")
+    columns = ["calls", "hits", "spent", "saved", *(["retries", "loops", "budget blocks"] if wide else [])]
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("outcomes", justify="right", no_wrap=True)
+    table.add_column("$/outcome", justify="right", style="bold", no_wrap=True)
     for group in report.groups:
-        table.add_row(*_row(group, report.by))
+        table.add_row(*_row(group, wide))
     if report.by and len(report.groups) > 1:
         table.add_section()
-        table.add_row(*_row(report.total, report.by), style="bold")
+        table.add_row(*_row(report.total, wide), style="bold")
     console.print(table)
     total = report.total
     answered = total.sent + total.cache_hits
     rate = f"{total.cache_hits / answered:.0%}" if answered else "-"
     console.print(
-        f"spent [bold]{_usd(total.spent_usd)}[/]  ·  saved by the cache [bold green]{_usd(total.saved_usd)}[/] "
-        f"({rate} of answers)  ·  retries {total.retries:,}  ·  loops stopped {total.loops_blocked:,}  ·  "
+        f"spent [bold]{_usd(total.spent_usd)}[/] · saved by the cache [bold green]{_usd(total.saved_usd)}[/] "
+        f"({rate} of answers) · retries {total.retries:,} · loops stopped {total.loops_blocked:,} · "
         f"budget blocks {total.budget_blocks:,}"
     )
     if total.estimated or total.unpriced:
@@ -89,6 +88,12 @@ def print_report(report: Report, console: Console) -> None:
 # -- the command line --------------------------------------------------------------------------
 
 
+class _UserError(click.ClickException):
+    """A user's mistake: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
 def _friendly(command: F) -> F:
     """Turn a tokenguard error (a user's mistake) into one line and exit status 2."""
 
@@ -97,7 +102,7 @@ def _friendly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except TokenguardError as err:
-            raise click.ClickException(str(err)) from None
+            raise _UserError(str(err)) from None
 
     return run  # type: ignore[return-value]
 
@@ -170,6 +175,313 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
         html_path.write_text(render_html(result), encoding="utf-8")
         console.print(f"wrote {html_path}")
     opened.close()
+
+
+def _guard_from_config(store: str | None) -> Any:
+    """A guard built from the configuration (``tokenguard config``), on ``store`` if given."""
+    from ._config import load_config
+    from ._guard import Guard
+
+    kwargs = load_config().guard_kwargs()
+    if store:
+        kwargs["store"] = store
+    kwargs["cache"] = False  # commands never need the cache open through the guard
+    return Guard(**kwargs)
+
+
+def _in(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = max(int((when - now).total_seconds()), 0)
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    return f"{days}d {hours}h" if days else f"{hours}h {rest // 60}m"
+
+
+@main.command(
+    epilog="\b\nExamples:\n  tokenguard budgets\n  TOKENGUARD_STORE=sqlite:////srv/ledger.db tokenguard budgets"
+)
+@click.option(
+    "--store", envvar="TOKENGUARD_STORE", help="Store URL (default: TOKENGUARD_STORE, else the local ledger)."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_friendly
+def budgets(store: str | None, fmt: str) -> None:
+    """The configured budgets (tokenguard.toml / pyproject / TOKENGUARD_BUDGETS): spent, held,
+    % used and time to reset, for every user (or other key) that spent this period."""
+    guard = _guard_from_config(store)
+    statuses = guard.budget_overview()
+    now = datetime.now(UTC)
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "budget": s.budget.describe(),
+                        "key": s.key,
+                        "spent_usd": str(s.spent_usd),
+                        "held_usd": str(s.held_usd),
+                        "limit_usd": None if s.budget.usd is None else str(s.budget.usd),
+                        "spent_tokens": s.spent_tokens,
+                        "limit_tokens": s.budget.limit_tokens,
+                        "resets_at": None if s.resets_at is None else s.resets_at.isoformat(),
+                    }
+                    for s in statuses
+                ],
+                indent=2,
+            )
+        )
+        guard.close()
+        return
+    console = Console()
+    if not statuses:
+        console.print("No budgets are configured. Set them in tokenguard.toml, e.g.\n")
+        console.print('[[budgets]]\nlimit_usd = 50\nperiod = "day"\nper = "user"')
+        guard.close()
+        return
+    table = Table(title="tokenguard budgets", caption=f"store: {guard.store.url}", header_style="bold")
+    for name, justify in (
+        ("budget", "left"),
+        ("key", "left"),
+        ("spent", "right"),
+        ("held", "right"),
+        ("limit", "right"),
+        ("used", "right"),
+        ("resets in", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in statuses:
+        limit = s.budget.usd
+        if limit is not None and limit > 0:
+            used = (s.spent_usd + s.held_usd) / limit
+        elif s.budget.limit_tokens:
+            used = Decimal(s.spent_tokens + s.held_tokens) / s.budget.limit_tokens
+        else:
+            used = Decimal(0)
+        style = "red" if used >= 1 else "yellow" if used >= Decimal("0.75") else ""
+        table.add_row(
+            s.budget.describe(),
+            s.key or "-",
+            _usd(s.spent_usd),
+            _usd(s.held_usd),
+            _usd(limit, 2) if limit is not None else f"{s.budget.limit_tokens:,} tok",
+            f"[{style}]{used:.0%}[/]" if style else f"{used:.0%}",
+            _in(s.resets_at, now),
+        )
+    console.print(table)
+    guard.close()
+
+
+@main.group(epilog="\b\nExamples:\n  tokenguard cache stats\n  tokenguard cache clear --yes")
+def cache() -> None:
+    """Inspect or empty the response cache."""
+
+
+def _open_cache(path: Path | None) -> Any:
+    from ._cache import Cache
+    from ._config import load_config
+
+    config = load_config()
+    directory = path or config["cache.path"]
+    return Cache("disk", path=directory)
+
+
+@cache.command("stats")
+@click.option("--path", type=click.Path(file_okay=False, path_type=Path), help="Cache directory (default: configured).")
+@click.option("--store", envvar="TOKENGUARD_STORE", help="Store URL, for hits and savings.")
+@_friendly
+def cache_stats(path: Path | None, store: str | None) -> None:
+    """Entries and size on disk, and the hits and savings the ledger recorded."""
+    opened = _open_cache(path)
+    backend: Any = opened._store
+    entries = len(backend._cache) if backend is not None else 0
+    size = backend._cache.volume() if backend is not None else 0
+    stats = _open_store(store).stats(since=None, scope={})
+    answered = stats.calls - stats.blocked - stats.errors
+    console = Console()
+    console.print(f"cache directory  {opened.path}")
+    console.print(f"entries          {entries:,}  ({size / 1_048_576:.1f} MB of {opened.max_size_mb:g} MB at most)")
+    console.print(f"hits             {stats.cache_hits:,} of {answered:,} answers ({stats.cache_hit_rate:.0%})")
+    console.print(f"saved            {_usd(stats.saved_usd)}")
+    opened.close()
+
+
+@cache.command("clear")
+@click.option("--path", type=click.Path(file_okay=False, path_type=Path), help="Cache directory (default: configured).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_friendly
+def cache_clear(path: Path | None, yes: bool) -> None:
+    """Drop every cached answer (the ledger keeps its rows)."""
+    opened = _open_cache(path)
+    if not yes:
+        click.confirm(f"Drop every entry in {opened.path}?", abort=True)
+    opened.clear()
+    click.echo(f"cleared {opened.path}")
+    opened.close()
+
+
+def _vendor_of(model: str, vendor: str | None) -> str:
+    if vendor:
+        return vendor
+    return "anthropic" if model.startswith("claude") else "openai"
+
+
+@main.command(
+    epilog="\b\nExamples:\n  tokenguard prices gpt-4o\n  tokenguard prices claude-sonnet-4-5\n"
+    "  tokenguard prices gpt-4o --vendor azure"
+)
+@click.argument("model")
+@click.option("--vendor", type=click.Choice(["openai", "anthropic", "azure"]), help="Default: from the model name.")
+@_friendly
+def prices(model: str, vendor: str | None) -> None:
+    """A model's prices per million tokens, from genai-prices."""
+    from ._errors import UnpricedModelError
+    from ._pricing import PriceBook
+
+    who = _vendor_of(model, vendor)
+    card = PriceBook().card(who, model)
+    if card is None:
+        raise UnpricedModelError(who, model)
+    price = card.model_price
+    rows = (
+        ("input", price.input_mtok),
+        ("output", price.output_mtok),
+        ("cached input (read)", price.cache_read_mtok),
+        ("cache write (5 min)", price.cache_write_mtok),
+        ("cache write (1 h)", price.cache_write_1h_mtok),
+    )
+    table = Table(title=f"{who} {model}", caption=f"genai-prices id: {card.model_id}", header_style="bold")
+    table.add_column("tokens")
+    table.add_column("USD per 1M", justify="right")
+    table.add_column("above the tier", justify="right")
+    for name, value in rows:
+        if value is None:
+            continue
+        base = getattr(value, "base", value)
+        tiers = getattr(value, "tiers", None) or []
+        above = ", ".join(f"${t.price} from {t.start:,}" for t in tiers)
+        table.add_row(name, f"${base}", above or "-")
+    console = Console()
+    console.print(table)
+    if card.context_window:
+        console.print(f"[dim]context window: {card.context_window:,} tokens[/]")
+
+
+@main.command(
+    epilog='\b\nExamples:\n  tokenguard estimate --model gpt-4o --max-tokens 500 "Summarise this report..."\n'
+    "  tokenguard estimate --model claude-sonnet-4-5 --max-tokens 1024 --file prompt.txt\n"
+    "  tokenguard estimate --request request.json"
+)
+@click.argument("prompt", required=False)
+@click.option("--model", help="The model (required unless --request gives it).")
+@click.option("--vendor", type=click.Choice(["openai", "anthropic", "azure"]), help="Default: from the model name.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), help="The output bound (default: the model's context window)."
+)
+@click.option("--file", "prompt_file", type=click.File("r", encoding="utf-8"), help="Read the prompt from a file.")
+@click.option(
+    "--request",
+    "request_file",
+    type=click.File("r", encoding="utf-8"),
+    help="A whole request body as JSON (chat completions or messages).",
+)
+@_friendly
+def estimate(
+    prompt: str | None,
+    model: str | None,
+    vendor: str | None,
+    max_tokens: int | None,
+    prompt_file: Any,
+    request_file: Any,
+) -> None:
+    """The worst-case cost of a request before sending it: what a budget reserves for it."""
+    from ._errors import ConfigurationError, UnpricedModelError
+    from ._pricing import PriceBook
+    from ._tokens import count_messages_tokens, tiktoken_encoding
+    from .providers import AnthropicAdapter, OpenAIAdapter
+    from .providers.anthropic import MESSAGES
+    from .providers.openai import CHAT
+
+    if request_file is not None:
+        try:
+            body = json.load(request_file)
+        except ValueError as err:
+            raise ConfigurationError("--request", request_file.name, f"is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ConfigurationError("--request", request_file.name, "must hold a JSON object")
+    else:
+        text = prompt_file.read() if prompt_file is not None else prompt
+        if text is None:
+            raise ConfigurationError("prompt", None, "give the prompt as an argument, --file or --request")
+        body = {"messages": [{"role": "user", "content": text}]}
+    model = model or body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigurationError("--model", model, "name the model")
+    body["model"] = model
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    who = _vendor_of(model, vendor)
+    if who == "anthropic":
+        adapter: Any = AnthropicAdapter()
+        endpoint = MESSAGES
+    else:
+        adapter = OpenAIAdapter(who)
+        endpoint = CHAT
+    card = PriceBook().card(who, model)
+    if card is None:
+        raise UnpricedModelError(who, model)
+    input_bound = adapter.input_bound(endpoint, body)
+    output_bound = adapter.output_bound(endpoint, body)
+    output = output_bound or card.context_window or 32_768
+    worst = card.worst_case(input_bound, output)
+    console = Console()
+    console.print(f"{who} {model}")
+    console.print(f"  input   ≤ {input_bound:,} tokens (bounded from the request's bytes)")
+    if tiktoken_encoding(model) is not None:
+        texts, messages = adapter.input_texts(endpoint, body)
+        console.print(f"          = {count_messages_tokens(texts, model, messages=messages):,} tokens counted exactly")
+    source = "max_tokens" if output_bound else "the context window" if card.context_window else "the default bound"
+    console.print(f"  output  ≤ {output:,} tokens ({source})")
+    console.print(f"  [bold]worst case {_usd(worst, 6)}[/]  — what a budget reserves before the call is sent")
+
+
+@main.command("config", epilog="\b\nExamples:\n  tokenguard config\n  TOKENGUARD_CACHE=memory tokenguard config")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_friendly
+def config_command(fmt: str) -> None:
+    """The default guard's effective configuration, and where each value came from
+    (environment, tokenguard.toml, pyproject.toml [tool.tokenguard], or the default)."""
+    from ._config import KEYS, load_config
+
+    loaded = load_config()
+    loaded.guard_kwargs()  # invalid values are reported now, naming the key
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {k: {"value": s.value, "source": s.source} for k, s in loaded.settings.items()}, indent=2, default=str
+            )
+        )
+        return
+    table = Table(title="tokenguard configuration", header_style="bold")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("from")
+    table.add_column("environment variable", style="dim")
+    for key, setting in loaded.settings.items():
+        shown = "(unset)" if setting.value is None else str(setting.value)
+        if key == "alerts.webhook" and setting.value:
+            shown = _redact_url(str(setting.value))
+        style = "" if setting.source == "default" else "bold"
+        table.add_row(key, f"[{style}]{shown}[/]" if style else shown, setting.source, KEYS[key].env)
+    Console().print(table)
+
+
+def _redact_url(url: str) -> str:
+    """A URL without what may be a secret in it (userinfo, path, query)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/***" if parts.scheme else "***"
 
 
 def run() -> None:

@@ -87,6 +87,11 @@ class MemoryStore:
         """Totals of the matching rows."""
         return Stats.of(self.rows(since=since, scope=scope))
 
+    def budget_keys(self, prefix: str, period_start: float) -> list[str]:
+        """The budget keys starting with ``prefix`` that have spend or holds in the period."""
+        with self._lock:
+            return [key for key, start in self._spend if start == period_start and key.startswith(prefix)]
+
     def loop_observe(
         self,
         keys: Sequence[str],

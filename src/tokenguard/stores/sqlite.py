@@ -741,6 +741,14 @@ class SQLiteStore:
         result: int = self._transaction(work)
         return result
 
+    def budget_keys(self, prefix: str, period_start: float) -> list[str]:
+        """The budget keys starting with ``prefix`` that have spend or holds in the period."""
+        rows = self._query(
+            "SELECT key FROM budget_spend WHERE period_start = ? AND substr(key, 1, ?) = ?",
+            [period_start, len(prefix), prefix],
+        )
+        return [str(r[0]) for r in rows]
+
     # -- the loop detector's history: one IMMEDIATE transaction per request ----------------------
 
     def loop_observe(
