@@ -235,6 +235,8 @@ class Config:
                 ),
             )
         kwargs["budgets"] = [self._build("budgets", functools.partial(_budget, b)) for b in self["budgets"]]
+        if self["otel"]:
+            kwargs["otel"] = True
         if self["alerts.webhook"]:
             kwargs["on_alert"] = self._build("alerts.webhook", lambda: WebhookAlerts(self["alerts.webhook"]))
         return kwargs

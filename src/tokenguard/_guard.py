@@ -26,6 +26,7 @@ from ._pipeline import Pipeline
 from ._pricing import PriceBook
 from ._retry import Retrier, Retry
 from ._scope import current_scope, validate_scope
+from ._telemetry import Telemetry
 from .stores import open_store
 
 __all__ = ["Guard", "default_guard", "record_outcome", "set_default_guard"]
@@ -50,6 +51,9 @@ class Guard:
             times in 10 minutes, per scope, is refused), a ``tokenguard.LoopDetector(...)``,
             or ``False`` (default) for none. Off by default: without scopes, every user of
             an app shares one history (see docs/loops.md).
+        otel: emit an OpenTelemetry span per call (GenAI semantic conventions, with the
+            cost) and the GenAI token and duration metrics, through the providers the
+            application configured. Off by default.
         budgets: ``Budget`` and ``SpendRate`` caps; a call is sent only if every one that
             applies can reserve its worst-case cost (see docs/budgets.md).
         on_alert: a callable (or several) receiving each ``Alert``; default: log a warning.
@@ -76,6 +80,7 @@ class Guard:
         cache: bool | Cache = False,
         retry: bool | Retry = True,
         loops: bool | LoopDetector = False,
+        otel: bool = False,
         on_alert: Callable[[Alert], object] | Sequence[Callable[[Alert], object]] | None = None,
         require_prices: bool = False,
         budget_hold_s: float = 900.0,
@@ -83,6 +88,8 @@ class Guard:
         settle_delay_s: float = 0.02,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
+        if not isinstance(otel, bool):
+            raise ConfigurationError("otel", otel, "must be True or False")
         if not isinstance(require_prices, bool):
             raise ConfigurationError("require_prices", require_prices, "must be True or False")
         if clock is not None and not callable(clock):
@@ -136,6 +143,7 @@ class Guard:
             cache=response_cache,
             retrier=Retrier(retrying) if retrying is not None else None,
             loops=loop_book,
+            telemetry=Telemetry() if otel else None,
             default_max_output_tokens=default_max_output_tokens,
             wall_clock=self._clock,
             defer_s=float(settle_delay_s),

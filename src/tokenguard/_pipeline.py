@@ -38,6 +38,7 @@ from ._pricing import PriceBook, RateCard
 from ._retry import Retrier, reached_vendor
 from ._scope import current_scope
 from ._sse import head_and_tail, iter_sse
+from ._telemetry import Telemetry, log_call
 from ._tokens import count_messages_tokens, count_tokens, tiktoken_encoding
 from ._usage import Usage
 from .providers import Adapter, Endpoint, Observed
@@ -82,6 +83,8 @@ class Call:
     waiting: threading.Event | None = None
     # the loop detector's fingerprints of the body (computed once, reused by repeats)
     prints: Prints | None = None
+    # the caller's OpenTelemetry context, when telemetry is on (the call's span goes under it)
+    otel_context: Any = None
 
 
 class Pipeline:
@@ -97,6 +100,7 @@ class Pipeline:
         cache: Cache | None = None,
         retrier: Retrier | None = None,
         loops: LoopBook | None = None,
+        telemetry: Telemetry | None = None,
         default_max_output_tokens: int = 32_768,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         defer_s: float = 0.02,
@@ -108,6 +112,7 @@ class Pipeline:
         self.cache = cache
         self.retrier = retrier
         self.loops = loops
+        self.telemetry = telemetry
         self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
@@ -210,6 +215,8 @@ class Pipeline:
             ts=self._now(),
             started=time.perf_counter(),
         )
+        if self.telemetry is not None:
+            call.otel_context = self.telemetry.current()
         if self.cache is not None and cache_context is not None:
             control = current_cache_control()
             wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
@@ -691,6 +698,12 @@ class Pipeline:
             saved_usd=saved,
         )
         self.write(row)
+        log_call(row)
+        if self.telemetry is not None:
+            try:
+                self.telemetry.record(row, call.otel_context)
+            except Exception:  # telemetry must never cost the call its accounting
+                log.exception("tokenguard: could not emit telemetry for a %s call", call.endpoint.name)
 
     def write(self, row: LedgerRow) -> None:
         """Write a row; if the store is down, keep it and write it with the next row that succeeds."""
