@@ -187,11 +187,15 @@ class Config:
         return self.settings[key].value
 
     def _build(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, its ConfigurationError renamed after the configuration key (and its
+        source) that holds the bad value: ``Retry.attempts`` -> ``retry.attempts (tokenguard.toml)``."""
         try:
             return make()
         except ConfigurationError as err:
-            where = self.settings[key].source
-            raise ConfigurationError(f"{key} ({where})", err.value, f"{err.setting}: {err.reason}") from None
+            field = f"{key}.{err.setting.rsplit('.', 1)[-1]}"
+            named = field if field in self.settings else key
+            where = self.settings[named].source
+            raise ConfigurationError(f"{named} ({where})", err.value, err.reason) from None
 
     def guard_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tokenguard.Guard`` built from this configuration."""
