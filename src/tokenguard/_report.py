@@ -13,13 +13,14 @@ import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store
 from ._scope import validate_scope
+from .stores import _redact
 
 __all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
 
@@ -56,9 +57,18 @@ class Group:
 
     @property
     def cost_per_outcome(self) -> Decimal | None:
-        """Spend per recorded outcome (``None`` when the group has none)."""
+        """Spend per recorded outcome, to the nano-dollar (``None`` when the group has no
+        outcome, or no calls: outcomes recorded under a scope its calls did not have)."""
         count = self.outcome_count
-        return (self.spent_usd / count).quantize(Decimal("0.000001")) if count else None
+        if not count or not self.calls:
+            return None
+        return (self.spent_usd / count).quantize(Decimal("0.000000001"))
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Cache hits over answers (hits plus calls sent); ``None`` with no answers."""
+        answered = self.sent + self.cache_hits
+        return self.cache_hits / answered if answered else None
 
     def add(self, row: LedgerRow) -> None:
         self.calls += 1
@@ -194,6 +204,18 @@ def _outcome_label(name: str) -> Callable[[OutcomeRow], str | None]:
     return lambda row: row.scope.get(name, NONE)
 
 
+def _natural(key: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+    """Sort key: numbers as numbers ("9" before "10"), then text."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key)
+
+
+def _utc(when: datetime | None) -> datetime | None:
+    """``when`` with a time zone (a naive one is UTC)."""
+    if when is None or when.tzinfo is not None:
+        return when
+    return when.replace(tzinfo=UTC)
+
+
 def check_by(by: Iterable[str]) -> tuple[str, ...]:
     """The grouping attributes, checked (``--by user,day``)."""
     names = tuple(n.strip() for n in by if n.strip())
@@ -236,6 +258,7 @@ def build_report(
     """Add up the store's rows (and outcomes) in ``[since, until)`` matching ``scope``,
     grouped by ``by``. ``progress`` is called with the rows read so far, every 10,000."""
     names = check_by(by)
+    since, until = _utc(since), _utc(until)
     labels = [_label(n) for n in names]
     groups: dict[tuple[str, ...], Group] = {}
     total = Group(key=tuple("(all)" for _ in names))
@@ -264,13 +287,39 @@ def build_report(
             if group is None:
                 group = groups[key] = Group(key=key)
             group.outcomes[outcome.name] = group.outcomes.get(outcome.name, 0) + outcome.count
+    generated = now or datetime.now(UTC)
     return Report(
         by=names,
         since=since,
         until=until,
-        groups=[groups[k] for k in sorted(groups)],
+        groups=[groups[k] for k in sorted(groups, key=_natural)],
         total=total,
-        daily=[(d, v[0], v[1]) for d, v in sorted(daily.items())],
-        store=getattr(store, "url", type(store).__name__),
-        generated_at=now or datetime.now(UTC),
+        daily=_every_day(daily, since, until, generated),
+        store=_redact(str(getattr(store, "url", type(store).__name__))),
+        generated_at=generated,
     )
+
+
+def _every_day(
+    daily: Mapping[date, list[Decimal]], since: datetime | None, until: datetime | None, now: datetime
+) -> list[tuple[date, Decimal, Decimal]]:
+    """Spend and savings for every day of the period (quiet days as zero), so a chart of it
+    shows the gaps: from ``since`` (else the first day with calls) to ``until`` (else the
+    last day with calls, or today when ``since`` is given); at most ten years."""
+    if not daily and since is None:
+        return []
+    first = since.astimezone(UTC).date() if since else min(daily)
+    if until is not None:
+        last = (until - timedelta(microseconds=1)).astimezone(UTC).date()
+    else:
+        last = max([*daily, now.astimezone(UTC).date()] if since else daily)
+    if (last - first).days > 3_660:
+        first = last - timedelta(days=3_660)
+    zero = [Decimal(0), Decimal(0)]
+    out = []
+    day = first
+    while day <= last:
+        spent, saved = daily.get(day, zero)
+        out.append((day, spent, saved))
+        day += timedelta(days=1)
+    return out
