@@ -71,8 +71,8 @@ def print_report(report: Report, console: Console) -> None:
         table.add_row(*_row(report.total, wide), style="bold")
     console.print(table)
     total = report.total
-    answered = total.sent + total.cache_hits
-    rate = f"{total.cache_hits / answered:.0%}" if answered else "-"
+    hit_rate = total.cache_hit_rate
+    rate = "-" if hit_rate is None else f"{hit_rate:.0%}"
     console.print(
         f"spent [bold]{_usd(total.spent_usd)}[/] · saved by the cache [bold green]{_usd(total.saved_usd)}[/] "
         f"({rate} of answers) · retries {total.retries:,} · loops stopped {total.loops_blocked:,} · "
