@@ -28,9 +28,10 @@ class LedgerRow:
     """What tokenguard records about one call.
 
     ``outcome`` is ``"ok"``; ``"error"`` (``error`` names the exception class);
-    ``"incomplete"`` (a stream closed, broken or abandoned before its end: the output
-    received is charged and the row is ``estimated``); ``"cache_hit"``; or
-    ``"blocked"`` (``error`` says why: ``"budget"``, ``"loop"``, ``"unpriced"``).
+    ``"incomplete"`` (a stream closed or abandoned before its end: the output received is
+    charged and the row is ``estimated``; a stream whose connection broke is an ``"error"``
+    row charged the same way); ``"cache_hit"``; or ``"blocked"`` (``error`` says why:
+    ``"budget"``, ``"loop"``, ``"unpriced"``, ``"circuit_open"``).
     ``cost_usd`` is ``None`` when the model has no known price. ``ts`` is when the call
     started (UTC); ``latency_s`` runs to the end of the response body.
     """

@@ -336,6 +336,7 @@ class LoopBook:
         self.detector = detector
         self._store = store
         self._clock = clock
+        self._warned: dict[str, float] = {}  # fingerprint -> when its loop was last logged as a warning
 
     def now(self) -> float:
         """The detector's clock (epoch seconds)."""
@@ -427,7 +428,17 @@ class LoopBook:
     def _report(self, loop: LoopDetected) -> None:
         detector = self.detector
         action = "blocked" if detector.mode == "block" else "let through (warn mode)"
-        log.warning("tokenguard: %s; %s", loop, action)
+        # one warning per loop per cool-down (at least a minute): a runaway job refused a
+        # thousand times must not flood the log; the rest go to DEBUG
+        now = self._clock()
+        quiet = max(detector.cool_down_s, 60.0)
+        if now - self._warned.get(loop.fingerprint, -math.inf) >= quiet:
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned[loop.fingerprint] = now
+            log.warning("tokenguard: %s; %s (for %gs, its repeats are logged at DEBUG)", loop, action, quiet)
+        else:
+            log.debug("tokenguard: %s; %s", loop, action)
         if detector.on_loop is not None:
             try:
                 detector.on_loop(loop)

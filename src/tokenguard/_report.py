@@ -66,8 +66,9 @@ class Group:
 
     @property
     def cache_hit_rate(self) -> float | None:
-        """Cache hits over answers (hits plus calls sent); ``None`` with no answers."""
-        answered = self.sent + self.cache_hits
+        """Cache hits over answers (hits plus calls sent and answered: errors and blocks left
+        out, as ``Stats.cache_hit_rate`` does); ``None`` with no answers."""
+        answered = self.sent - self.errors + self.cache_hits
         return self.cache_hits / answered if answered else None
 
     def add(self, row: LedgerRow) -> None:

@@ -177,6 +177,33 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
     opened.close()
 
 
+@main.command(
+    epilog="\b\nExamples:\n  tokenguard demo\n  tokenguard demo --pace 0\n  tokenguard demo --keep ./demo-ledger",
+)
+@click.option(
+    "--pace",
+    type=click.FloatRange(min=0, max=5),
+    default=None,
+    help="Seconds to pause after each event (default: 0.06 on a terminal, 0 otherwise).",
+)
+@click.option(
+    "--keep",
+    "store_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's ledger (a new SQLite file each run) in this directory, for tokenguard report --store.",
+)
+@click.pass_context
+def demo(ctx: click.Context, pace: float | None, store_dir: Path | None) -> None:
+    """Watch tokenguard work with no API key and no network: a fake OpenAI and Anthropic API on
+    loopback, the real SDK clients, and the cache, retry, loop detector and budgets in action."""
+    from ._demo import run_demo  # lazily: _demo imports print_report from this module
+
+    console = Console()
+    if pace is None:
+        pace = 0.06 if console.is_terminal else 0.0
+    ctx.exit(run_demo(console, store_dir=store_dir, pace_s=pace))
+
+
 def _guard_from_config(store: str | None) -> Any:
     """A guard built from the configuration (``tokenguard config``), on ``store`` if given."""
     from ._config import load_config
@@ -327,7 +354,7 @@ def _vendor_of(model: str, vendor: str | None) -> str:
 
 
 @main.command(
-    epilog="\b\nExamples:\n  tokenguard prices gpt-4o\n  tokenguard prices claude-sonnet-4-5\n"
+    epilog="\b\nExamples:\n  tokenguard prices gpt-4o\n  tokenguard prices claude-sonnet-4-6\n"
     "  tokenguard prices gpt-4o --vendor azure"
 )
 @click.argument("model")
@@ -369,7 +396,7 @@ def prices(model: str, vendor: str | None) -> None:
 
 @main.command(
     epilog='\b\nExamples:\n  tokenguard estimate --model gpt-4o --max-tokens 500 "Summarise this report..."\n'
-    "  tokenguard estimate --model claude-sonnet-4-5 --max-tokens 1024 --file prompt.txt\n"
+    "  tokenguard estimate --model claude-sonnet-4-6 --max-tokens 1024 --file prompt.txt\n"
     "  tokenguard estimate --request request.json"
 )
 @click.argument("prompt", required=False)
