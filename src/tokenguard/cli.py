@@ -36,20 +36,22 @@ def _usd(amount: Decimal | None, places: int = 4) -> str:
     return f"${amount:,.{places}f}"
 
 
-_WIDE: Final = 110  # a console at least this wide gets every column
+_WIDE: Final = 120  # a console at least this wide gets every column
 
 
 def _row(group: Group, wide: bool) -> list[str]:
     cost = group.cost_per_outcome
     cells = [*group.key, f"{group.calls:,}", f"{group.cache_hits:,}", _usd(group.spent_usd), _usd(group.saved_usd)]
     if wide:
-        cells += [f"{group.retries:,}", f"{group.loops_blocked:,}", f"{group.budget_blocks:,}"]
+        tokens = group.input_tokens + group.output_tokens
+        cells += [f"{tokens:,}", f"{group.retries:,}", f"{group.loops_blocked:,}", f"{group.budget_blocks:,}"]
     return [*cells, f"{group.outcome_count:,}" if group.outcomes else "-", _usd(cost)]
 
 
 def print_report(report: Report, console: Console) -> None:
     """The report as a table: one row per group and a total; cost per outcome last. A narrow
-    console gets the money columns; retries, loops and blocks are then in the summary line."""
+    console gets the money columns; tokens, retries, loops and blocks are then left to the
+    summary line (and to JSON and CSV)."""
     title = "tokenguard report"
     if report.since or report.until:
         since = report.since.strftime("%Y-%m-%d %H:%M") if report.since else "start"
@@ -59,7 +61,7 @@ def print_report(report: Report, console: Console) -> None:
     table = Table(title=title, caption=f"store: {report.store}", header_style="bold", box=box.SIMPLE_HEAD)
     for name in report.by:
         table.add_column(name, overflow="fold")
-    columns = ["calls", "hits", "spent", "saved", *(["retries", "loops", "budget blocks"] if wide else [])]
+    columns = ["calls", "hits", "spent", "saved", *(["tokens", "retries", "loops", "budget blocks"] if wide else [])]
     for name in columns:
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("outcomes", justify="right", no_wrap=True)
@@ -313,7 +315,7 @@ def _open_cache(path: Path | None) -> Any:
     return Cache("disk", path=directory)
 
 
-@cache.command("stats")
+@cache.command("stats", epilog="\b\nExamples:\n  tokenguard cache stats\n  tokenguard cache stats --path ./cache")
 @click.option("--path", type=click.Path(file_okay=False, path_type=Path), help="Cache directory (default: configured).")
 @click.option("--store", envvar="TOKENGUARD_STORE", help="Store URL, for hits and savings.")
 @_friendly
@@ -333,7 +335,7 @@ def cache_stats(path: Path | None, store: str | None) -> None:
     opened.close()
 
 
-@cache.command("clear")
+@cache.command("clear", epilog="\b\nExamples:\n  tokenguard cache clear\n  tokenguard cache clear --yes --path ./cache")
 @click.option("--path", type=click.Path(file_okay=False, path_type=Path), help="Cache directory (default: configured).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_friendly
