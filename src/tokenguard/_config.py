@@ -46,7 +46,10 @@ def _bool(text: Any) -> bool:
 def _number(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError("must be a number")
-    value = float(text) if isinstance(text, str | int | float) else math.nan
+    try:
+        value = float(text) if isinstance(text, str | int | float) else math.nan
+    except ValueError:
+        raise ValueError("must be a number") from None
     if not math.isfinite(value):
         raise ValueError("must be a number")
     return value
@@ -59,11 +62,14 @@ def _optional_number(text: Any) -> float | None:
 
 
 def _int(text: Any) -> int:
-    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+    if isinstance(text, bool):
         raise ValueError("must be a whole number")
     try:
-        return int(text)
-    except (TypeError, ValueError):
+        value = float(text) if isinstance(text, str) else text
+        if not isinstance(value, int | float) or not float(value).is_integer():
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError("must be a whole number") from None
 
 
@@ -77,7 +83,10 @@ def _cache_switch(text: Any) -> bool | str:
     """``cache``: true/false, or a backend name."""
     if isinstance(text, str) and text.strip().lower() in ("memory", "disk"):
         return text.strip().lower()
-    return _bool(text)
+    try:
+        return _bool(text)
+    except ValueError:
+        raise ValueError("must be true, false, memory or disk") from None
 
 
 def _budgets(value: Any) -> list[dict[str, Any]]:
@@ -174,7 +183,14 @@ def _read_toml(path: Path, table: str | None) -> dict[str, Any]:
 
 
 def _budget(table: dict[str, Any]) -> Budget:
-    return Budget(**table)
+    try:
+        return Budget(**table)
+    except TypeError:
+        known = "limit_usd, limit_tokens, period, per, alerts, action, name"
+        unknown = sorted(set(table) - set(known.split(", ")))
+        raise ConfigurationError(
+            "Budget", ", ".join(unknown) or table, f"unknown field; a budget takes {known}"
+        ) from None
 
 
 class Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -19,12 +20,12 @@ from typing import Any, Final
 
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store
-from ._scope import validate_scope
 from .stores import _redact
 
 __all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
 
 NONE: Final = "(none)"
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # columns that are not scope attributes
 _BUILTIN: Final = ("model", "vendor", "endpoint", "day", "month", "outcome")
 
@@ -221,8 +222,10 @@ def check_by(by: Iterable[str]) -> tuple[str, ...]:
     """The grouping attributes, checked (``--by user,day``)."""
     names = tuple(n.strip() for n in by if n.strip())
     for name in names:
-        if name not in _BUILTIN:
-            validate_scope({name: "x"}, setting="by")
+        if name not in _BUILTIN and not _IDENTIFIER.fullmatch(name):
+            raise ConfigurationError(
+                "--by", name, f"group by {', '.join(_BUILTIN)} or a scope attribute name (an identifier)"
+            )
     if len(set(names)) != len(names):
         raise ConfigurationError("by", ",".join(names), "names an attribute twice")
     return names

@@ -21,6 +21,7 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ._errors import TokenguardError
 from ._report import Group, Report, build_report, parse_when
@@ -30,47 +31,86 @@ __all__ = ["main", "print_report"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _exact(amount: Decimal) -> str:
+    """An exact amount, without exponent or trailing zeros: 0E-9 -> 0, 0.350000000 -> 0.35."""
+    text = format(amount.normalize(), "f")
+    return text
+
+
 def _usd(amount: Decimal | None, places: int = 4) -> str:
     if amount is None:
         return "-"
     return f"${amount:,.{places}f}"
 
 
-_WIDE: Final = 120  # a console at least this wide gets every column
+_WIDE: Final = 120  # a console at least this wide gets the environment column of `config`
+
+# the report's numeric columns, in the order they are given up on a narrow console (last first)
+_COLUMNS: Final[tuple[tuple[str, Callable[[Group], str]], ...]] = (
+    ("spent", lambda g: _usd(g.spent_usd)),
+    ("$/outcome", lambda g: _usd(g.cost_per_outcome)),
+    ("calls", lambda g: f"{g.calls:,}"),
+    ("saved", lambda g: _usd(g.saved_usd)),
+    ("hits", lambda g: f"{g.cache_hits:,}"),
+    ("outcomes", lambda g: f"{g.outcome_count:,}" if g.outcomes else "-"),
+    ("budget blocks", lambda g: f"{g.budget_blocks:,}"),
+    ("loops", lambda g: f"{g.loops_blocked:,}"),
+    ("retries", lambda g: f"{g.retries:,}"),
+    ("tokens", lambda g: f"{g.input_tokens + g.output_tokens:,}"),
+)
+_ORDER: Final = (
+    "calls",
+    "hits",
+    "spent",
+    "saved",
+    "tokens",
+    "retries",
+    "loops",
+    "budget blocks",
+    "outcomes",
+    "$/outcome",
+)
 
 
-def _row(group: Group, wide: bool) -> list[str]:
-    cost = group.cost_per_outcome
-    cells = [*group.key, f"{group.calls:,}", f"{group.cache_hits:,}", _usd(group.spent_usd), _usd(group.saved_usd)]
-    if wide:
-        tokens = group.input_tokens + group.output_tokens
-        cells += [f"{tokens:,}", f"{group.retries:,}", f"{group.loops_blocked:,}", f"{group.budget_blocks:,}"]
-    return [*cells, f"{group.outcome_count:,}" if group.outcomes else "-", _usd(cost)]
+def _fitting(report: Report, width: int) -> tuple[list[int], list[str]]:
+    """The key columns' widths and the numeric columns that fit in ``width`` (by priority)."""
+    rows = [*report.groups, report.total]
+    keys = [min(max([len(name), *(len(g.key[i]) for g in rows)]), 18) for i, name in enumerate(report.by)]
+    used = sum(k + 3 for k in keys) + 4  # cell padding, column gaps, the table's edges
+    chosen: list[str] = []
+    for name, cell in _COLUMNS:
+        need = max(len(name), *(len(cell(g)) for g in rows)) + 3
+        if used + need <= width or not chosen:
+            chosen.append(name)
+            used += need
+    return keys, [name for name in _ORDER if name in chosen]
 
 
 def print_report(report: Report, console: Console) -> None:
-    """The report as a table: one row per group and a total; cost per outcome last. A narrow
-    console gets the money columns; tokens, retries, loops and blocks are then left to the
-    summary line (and to JSON and CSV)."""
+    """The report as a table: one row per group and a total; cost per outcome last. On a
+    narrow console the group names and the money come first; the columns that do not fit
+    are left to the summary line (and to JSON and CSV)."""
     title = "tokenguard report"
     if report.since or report.until:
         since = report.since.strftime("%Y-%m-%d %H:%M") if report.since else "start"
         until = report.until.strftime("%Y-%m-%d %H:%M") if report.until else "now"
         title += f" ({since} → {until} UTC)"
-    wide = console.width >= _WIDE
+    key_widths, columns = _fitting(report, console.width)
+    cells = dict(_COLUMNS)
     table = Table(title=title, caption=f"store: {report.store}", header_style="bold", box=box.SIMPLE_HEAD)
-    for name in report.by:
-        table.add_column(name, overflow="fold")
-    columns = ["calls", "hits", "spent", "saved", *(["tokens", "retries", "loops", "budget blocks"] if wide else [])]
+    for name, width in zip(report.by, key_widths, strict=True):
+        table.add_column(name, overflow="fold", min_width=width)
     for name in columns:
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("outcomes", justify="right", no_wrap=True)
-    table.add_column("$/outcome", justify="right", style="bold", no_wrap=True)
+        table.add_column(name, justify="right", no_wrap=True, style="bold" if name == "$/outcome" else None)
+
+    def row(group: Group) -> list[str]:
+        return [*group.key, *(cells[name](group) for name in columns)]
+
     for group in report.groups:
-        table.add_row(*_row(group, wide))
+        table.add_row(*row(group))
     if report.by and len(report.groups) > 1:
         table.add_section()
-        table.add_row(*_row(report.total, wide), style="bold")
+        table.add_row(*row(report.total), style="bold")
     console.print(table)
     total = report.total
     hit_rate = total.cache_hit_rate
@@ -109,9 +149,15 @@ def _friendly(command: F) -> F:
     return run  # type: ignore[return-value]
 
 
-def _open_store(url: str | None) -> Any:
+def _open_store(url: str | None, *, must_exist: bool = False) -> Any:
+    """The store to read; with ``must_exist``, a SQLite ledger that is not there is a mistake
+    (a typo must not create an empty ledger and report nothing)."""
     from .stores import open_store
 
+    if must_exist and url and url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :]).expanduser()
+        if not path.is_file():
+            raise _UserError(f"no ledger at {path} (check --store / TOKENGUARD_STORE)")
     return open_store(url)
 
 
@@ -151,10 +197,11 @@ def main() -> None:
 )
 @_friendly
 def report(store: str | None, by: str, since: str | None, until: str | None, fmt: str, html_path: Path | None) -> None:
-    """Spend, tokens, calls, cache savings, retries, loops and budget blocks, grouped; and the
-    cost per recorded outcome (never a ranking by token volume)."""
+    """Who spent what: spend, savings, retries, loops and blocks, grouped; cost per outcome.
+
+    Never a ranking by token volume: groups come out in the order of their key."""
     console = Console(stderr=fmt != "table")
-    opened = _open_store(store)
+    opened = _open_store(store, must_exist=True)
     start = parse_when(since, setting="--since")
     end = parse_when(until, setting="--until")
     with console.status("reading the ledger…") as status:
@@ -174,7 +221,10 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
     if html_path is not None:
         from ._html import render_html
 
-        html_path.write_text(render_html(result), encoding="utf-8")
+        try:
+            html_path.write_text(render_html(result), encoding="utf-8")
+        except OSError as err:
+            raise _UserError(f"--html {html_path}: cannot be written: {err.strerror or err}") from None
         console.print(f"wrote {html_path}")
     opened.close()
 
@@ -248,9 +298,9 @@ def budgets(store: str | None, fmt: str) -> None:
                     {
                         "budget": s.budget.describe(),
                         "key": s.key,
-                        "spent_usd": str(s.spent_usd),
-                        "held_usd": str(s.held_usd),
-                        "limit_usd": None if s.budget.usd is None else str(s.budget.usd),
+                        "spent_usd": _exact(s.spent_usd),
+                        "held_usd": _exact(s.held_usd),
+                        "limit_usd": None if s.budget.usd is None else _exact(s.budget.usd),
                         "spent_tokens": s.spent_tokens,
                         "limit_tokens": s.budget.limit_tokens,
                         "resets_at": None if s.resets_at is None else s.resets_at.isoformat(),
@@ -264,8 +314,11 @@ def budgets(store: str | None, fmt: str) -> None:
         return
     console = Console()
     if not statuses:
-        console.print("No budgets are configured. Set them in tokenguard.toml, e.g.\n")
-        console.print('[[budgets]]\nlimit_usd = 50\nperiod = "day"\nper = "user"')
+        if guard._budgets is not None:  # configured, but no key spent or holds anything yet
+            console.print("The budgets are configured; nothing has been spent under them this period.")
+        else:
+            console.print("No budgets are configured. Set them in tokenguard.toml, e.g.\n")
+            console.print('[[budgets]]\nlimit_usd = 50\nperiod = "day"\nper = "user"', markup=False)
         guard.close()
         return
     table = Table(title="tokenguard budgets", caption=f"store: {guard.store.url}", header_style="bold")
@@ -312,7 +365,7 @@ def _open_cache(path: Path | None) -> Any:
 
     config = load_config()
     directory = path or config["cache.path"]
-    return Cache("disk", path=directory)
+    return Cache("disk", path=directory, max_size_mb=config["cache.max_size_mb"])
 
 
 @cache.command("stats", epilog="\b\nExamples:\n  tokenguard cache stats\n  tokenguard cache stats --path ./cache")
@@ -325,7 +378,9 @@ def cache_stats(path: Path | None, store: str | None) -> None:
     backend: Any = opened._store
     entries = len(backend._cache) if backend is not None else 0
     size = backend._cache.volume() if backend is not None else 0
-    stats = _open_store(store).stats(since=None, scope={})
+    ledger = _open_store(store, must_exist=True)
+    stats = ledger.stats(since=None, scope={})
+    ledger.close()
     answered = stats.calls - stats.blocked - stats.errors
     console = Console()
     console.print(f"cache directory  {opened.path}")
@@ -364,13 +419,12 @@ def _vendor_of(model: str, vendor: str | None) -> str:
 @_friendly
 def prices(model: str, vendor: str | None) -> None:
     """A model's prices per million tokens, from genai-prices."""
-    from ._errors import UnpricedModelError
     from ._pricing import PriceBook
 
     who = _vendor_of(model, vendor)
     card = PriceBook().card(who, model)
     if card is None:
-        raise UnpricedModelError(who, model)
+        raise _UserError(f"genai-prices knows no price for {who} model {model!r} (try --vendor, or another name)")
     price = card.model_price
     rows = (
         ("input", price.input_mtok),
@@ -424,7 +478,7 @@ def estimate(
     request_file: Any,
 ) -> None:
     """The worst-case cost of a request before sending it: what a budget reserves for it."""
-    from ._errors import ConfigurationError, UnpricedModelError
+    from ._errors import ConfigurationError
     from ._pricing import PriceBook
     from ._tokens import count_messages_tokens, tiktoken_encoding
     from .providers import AnthropicAdapter, OpenAIAdapter
@@ -441,11 +495,11 @@ def estimate(
     else:
         text = prompt_file.read() if prompt_file is not None else prompt
         if text is None:
-            raise ConfigurationError("prompt", None, "give the prompt as an argument, --file or --request")
+            raise _UserError("give the prompt as an argument, or --file prompt.txt, or --request request.json")
         body = {"messages": [{"role": "user", "content": text}]}
     model = model or body.get("model")
     if not isinstance(model, str) or not model:
-        raise ConfigurationError("--model", model, "name the model")
+        raise _UserError('name the model: --model gpt-4o (or a "model" in --request)')
     body["model"] = model
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -458,7 +512,7 @@ def estimate(
         endpoint = CHAT
     card = PriceBook().card(who, model)
     if card is None:
-        raise UnpricedModelError(who, model)
+        raise _UserError(f"genai-prices knows no price for {who} model {model!r} (try --vendor, or another name)")
     input_bound = adapter.input_bound(endpoint, body)
     output_bound = adapter.output_bound(endpoint, body)
     output = output_bound or card.context_window or 32_768
@@ -471,7 +525,7 @@ def estimate(
         console.print(f"          = {count_messages_tokens(texts, model, messages=messages):,} tokens counted exactly")
     source = "max_tokens" if output_bound else "the context window" if card.context_window else "the default bound"
     console.print(f"  output  ≤ {output:,} tokens ({source})")
-    console.print(f"  [bold]worst case {_usd(worst, 6)}[/]  — what a budget reserves before the call is sent")
+    console.print(f"  [bold]worst case ${_exact(worst)}[/]  — what a budget reserves before the call is sent")
 
 
 @main.command("config", epilog="\b\nExamples:\n  tokenguard config\n  TOKENGUARD_CACHE=memory tokenguard config")
@@ -485,24 +539,33 @@ def config_command(fmt: str) -> None:
     loaded = load_config()
     loaded.guard_kwargs()  # invalid values are reported now, naming the key
     if fmt == "json":
-        click.echo(
-            json.dumps(
-                {k: {"value": s.value, "source": s.source} for k, s in loaded.settings.items()}, indent=2, default=str
-            )
-        )
+        shown = {k: {"value": _shown(k, s.value), "source": s.source} for k, s in loaded.settings.items()}
+        click.echo(json.dumps(shown, indent=2, default=str))
         return
-    table = Table(title="tokenguard configuration", header_style="bold")
-    table.add_column("key")
-    table.add_column("value")
+    console = Console()
+    wide = console.width >= _WIDE
+    table = Table(title="tokenguard configuration", header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
     table.add_column("from")
-    table.add_column("environment variable", style="dim")
+    if wide:
+        table.add_column("environment variable", style="dim", no_wrap=True)
     for key, setting in loaded.settings.items():
-        shown = "(unset)" if setting.value is None else str(setting.value)
-        if key == "alerts.webhook" and setting.value:
-            shown = _redact_url(str(setting.value))
-        style = "" if setting.source == "default" else "bold"
-        table.add_row(key, f"[{style}]{shown}[/]" if style else shown, setting.source, KEYS[key].env)
-    Console().print(table)
+        value = Text("(unset)" if setting.value is None else str(_shown(key, setting.value)))
+        if setting.source != "default":
+            value.stylize("bold")
+        cells: list[Any] = [key, value, Text(setting.source)]
+        if wide:
+            cells.append(KEYS[key].env)
+        table.add_row(*cells)
+    console.print(table)
+    if not wide:
+        console.print("[dim]environment variables: TOKENGUARD_ + the key in capitals, dots as underscores[/]")
+
+
+def _shown(key: str, value: Any) -> Any:
+    """A configuration value fit to show: a webhook URL redacted (it may carry a token)."""
+    return _redact_url(str(value)) if key == "alerts.webhook" and value else value
 
 
 def _redact_url(url: str) -> str:
