@@ -1750,3 +1750,17 @@ def test_retry_module_api_is_exported() -> None:
     assert {"Retry", "CircuitBreaker", "CircuitOpen"} <= set(tokenguard.__all__)
     assert tokenguard.Retry is Retry
     assert issubclass(CircuitOpen, tokenguard.TokenguardError)
+
+
+def test_cut_timeouts_are_reused_and_never_longer_than_what_is_left(fake: FakeLLM) -> None:
+    """The first attempts of many calls share one cut timeout per whole second left (rounded
+    down: never longer than the deadline allows); another original timeout gets its own."""
+    client = fake.openai(guard=make_guard(fast(deadline_s=120)))
+    first = client._tg_cut(client.timeout, 119.9993)
+    assert client._tg_cut(client.timeout, 119.2) is first
+    assert max(first.connect or 0, first.read or 0, first.write or 0, first.pool or 0) <= 119
+    assert first.original is client.timeout
+    other = httpx2.Timeout(30.0)
+    assert client._tg_cut(other, 119.5).original is other
+    short = client._tg_cut(client.timeout, 0.25)
+    assert short.read == pytest.approx(0.25)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -116,6 +117,7 @@ class _GuardedBase:
         self._tg_guard = guard
         self._tg_adapter = _adapter_for(self)
         self._tg_hot = HotPath()
+        self._tg_cuts: dict[tuple[int, int], CutTimeout] = {}
 
     @property
     def guard(self) -> Guard:
@@ -155,7 +157,8 @@ class _GuardedBase:
         """The retry hooks of one call. (Neither SDK sends an idempotency key, so there is none
         to keep the same across attempts.)"""
         vendor = self._tg_adapter.vendor
-        base_url = str(getattr(self, "base_url", ""))
+        # the base URL names a circuit breaker's target: only worked out when there is one
+        base_url = str(getattr(self, "base_url", "")) if pipeline.retrier and pipeline.retrier.breaks else ""
         replayable = options.files is None
         if call is None:
             return Attempts(vendor, base_url, "", str(options.url), _nothing, _nothing, replayable)
@@ -189,7 +192,7 @@ class _GuardedBase:
         original = given.original if isinstance(given, CutTimeout) else given
         if left is not None:
             usable = isinstance(original, float | int | httpx2.Timeout) or original is None
-            options.timeout = CutTimeout(original if usable else self.timeout, left)  # type: ignore[attr-defined]
+            options.timeout = self._tg_cut(original if usable else self.timeout, left)  # type: ignore[attr-defined]
         elif isinstance(given, CutTimeout):
             options.timeout = original
         if number > 1:
@@ -197,6 +200,22 @@ class _GuardedBase:
             headers["x-stainless-retry-count"] = str(number - 1)
             options.headers = headers
         return options
+
+    def _tg_cut(self, timeout: Any, left: float) -> CutTimeout:
+        """``timeout`` cut to ``left`` seconds. Cut timeouts are reused per whole second left
+        (rounded down, so never longer than what is left): most calls are first attempts with
+        the whole deadline ahead, and build none."""
+        second = math.floor(left)
+        if second < 1:
+            return CutTimeout(timeout, left)
+        key = (id(timeout), second)
+        cuts = self._tg_cuts
+        cut = cuts.get(key)
+        if cut is None or cut.original is not timeout:
+            if len(cuts) > 64:
+                cuts.clear()
+            cut = cuts[key] = CutTimeout(timeout, float(second))
+        return cut
 
     def _tg_replay_response(self, call: Call, options: Any) -> httpx2.Response:
         """The stored answer as an HTTP response to this very request (so raw-response and

@@ -465,6 +465,7 @@ class Retrier:
             else None
         )
         self._breakers = _Breakers(config.circuit_breaker, clock) if config.circuit_breaker else None
+        self.breaks = self._breakers is not None  # whether calls need a circuit breaker target
         self._exponential = tenacity.wait_exponential(multiplier=config.initial_delay_s, max=config.max_delay_s)
         self._budget_warned_at = -math.inf
 
