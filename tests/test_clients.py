@@ -895,3 +895,24 @@ async def test_store_outage_does_not_fail_an_async_stream(fake: FakeLLM) -> None
     assert kinds[0] == "message_start"
     assert kinds[-1] == "message_stop"
     assert guard.pipeline.unsaved == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("unittest.mock").mock.MagicMock(),
+        lambda: __import__("unittest.mock").mock.MagicMock(spec=openai.OpenAI),
+        lambda: __import__("unittest.mock").mock.create_autospec(openai.OpenAI),
+    ],
+    ids=["MagicMock", "MagicMock-spec", "autospec"],
+)
+def test_wrap_of_a_mock_is_a_clear_error(make: Any) -> None:
+    """wrap() of a unittest.mock object (even one that passes isinstance) says what to use instead."""
+    with pytest.raises(tokenguard.ConfigurationError, match="unittest.mock object cannot be guarded.*FakeLLM"):
+        tokenguard.wrap(make())
+
+
+@pytest.mark.parametrize("thing", [None, "sk-...", 42, openai], ids=["None", "str", "int", "module"])
+def test_wrap_of_something_else_names_its_type(thing: Any) -> None:
+    with pytest.raises(tokenguard.ConfigurationError, match=type(thing).__name__):
+        tokenguard.wrap(thing)

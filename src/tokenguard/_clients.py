@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import math
+import sys
 import threading
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -512,6 +513,14 @@ def wrap(client: _C, *, guard: Guard | None = None) -> _C:
     timeouts, headers, ``http_client``); the original is left untouched and unguarded.
     """
     guard = _check_guard(guard)
+    mock = sys.modules.get("unittest.mock")  # a mock exists only if its module was imported
+    if mock is not None and isinstance(client, mock.NonCallableMock):
+        raise ConfigurationError(
+            "client",
+            type(client).__name__,
+            "a unittest.mock object cannot be guarded (it sends no HTTP request for tokenguard to see); "
+            "test with tokenguard.testing.FakeLLM or the tokenguard pytest fixtures (docs/testing.md)",
+        )
     cls = _guarded_class(type(client))
     if isinstance(client, _GuardedBase):
         new = client.copy()
