@@ -908,7 +908,7 @@ async def test_store_outage_does_not_fail_an_async_stream(fake: FakeLLM) -> None
 )
 def test_wrap_of_a_mock_is_a_clear_error(make: Any) -> None:
     """wrap() of a unittest.mock object (even one that passes isinstance) says what to use instead."""
-    with pytest.raises(tokenguard.ConfigurationError, match="unittest.mock object cannot be guarded.*FakeLLM"):
+    with pytest.raises(tokenguard.ConfigurationError, match=r"unittest\.mock object cannot be guarded.*FakeLLM"):
         tokenguard.wrap(make())
 
 
