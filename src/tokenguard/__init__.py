@@ -9,6 +9,7 @@ in a local ledger.
 from ._budget import Alert, Budget, BudgetStatus, SpendRate, WebhookAlerts, log_alert
 from ._cache import Cache, cache_control
 from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
+from ._decorator import guarded
 from ._errors import (
     BudgetExceeded,
     CircuitOpen,
@@ -65,6 +66,7 @@ __all__ = [
     "cache_control",
     "current_scope",
     "default_guard",
+    "guarded",
     "log_alert",
     "record_outcome",
     "register_price",

@@ -460,6 +460,42 @@ class Cache:
         except Exception as err:
             self._warn(f"a response could not be stored in the cache: {err}")
 
+    def get_value(self, key: str) -> tuple[Any, Decimal | None] | None:
+        """A ``@guarded`` function's cached result and what its first run cost, or ``None``."""
+        if self._store is None:
+            return None
+        try:
+            data = self._store.get(key)
+            if data is None:
+                return None
+            doc = json.loads(zlib.decompress(data))
+            if not isinstance(doc, dict) or doc.get("v") != KEY_SCHEMA or doc.get("kind") != "function":
+                raise ValueError("not a tokenguard function result of this version")
+            cost = doc.get("cost_usd")
+            return doc["value"], None if cost is None else Decimal(str(cost))
+        except Exception as err:
+            self._warn(f"a cached function result could not be read and was skipped: {err}")
+            with suppress(Exception):
+                self._store.delete(key)
+            return None
+
+    def set_value(self, key: str, value: Any, cost_usd: Decimal | None, ttl_s: float | None = None) -> None:
+        """Keep a ``@guarded`` function's result (plain JSON) and what it cost; never raises."""
+        if self._store is None:
+            return
+        try:
+            doc = {
+                "v": KEY_SCHEMA,
+                "kind": "function",
+                "value": value,
+                "cost_usd": None if cost_usd is None else str(cost_usd),
+            }
+            data = zlib.compress(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), 1)
+            if len(data) <= self.max_entry_bytes:
+                self._store.set(key, data, self.ttl_s if ttl_s is None else ttl_s)
+        except Exception as err:
+            self._warn(f"a function result could not be stored in the cache: {err}")
+
     def clear(self) -> None:
         """Drop every entry."""
         with self._decoded_lock:

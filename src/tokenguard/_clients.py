@@ -15,6 +15,7 @@ The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -105,6 +106,14 @@ def _no_vendor_retries(kwargs: dict[str, Any]) -> None:
 
 def _nothing(*args: Any) -> None:
     return None
+
+
+def _mark_retried(exc: BaseException, retrier: object) -> None:
+    """Note on a vendor error that tokenguard's retry already had its go at it, so that a
+    ``@guarded`` function around the call does not retry it again (attempts never multiply)."""
+    if retrier is not None:
+        with contextlib.suppress(Exception):
+            exc._tokenguard_retried = True  # type: ignore[attr-defined]
 
 
 class _GuardedBase:
@@ -294,6 +303,7 @@ class _SyncGuarded(_GuardedBase):
             return retrier.run(attempts, send)
         except BaseException as exc:
             pipeline.failed(call, exc)
+            _mark_retried(exc, retrier)
             raise
         finally:
             _ACTIVE.reset(token)
@@ -370,6 +380,7 @@ class _AsyncGuarded(_GuardedBase):
             return await retrier.run_async(attempts, send)
         except BaseException as exc:
             pipeline.failed(call, exc)
+            _mark_retried(exc, retrier)
             raise
         finally:
             _ACTIVE.reset(token)

@@ -20,9 +20,11 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import httpx2
@@ -44,7 +46,20 @@ from ._usage import Usage
 from .providers import Adapter, Endpoint, Observed
 from .providers._base import IMAGE_TOKENS, bound_of, media_parts
 
-__all__ = ["Call", "Pipeline"]
+__all__ = ["Call", "Pipeline", "RunSink", "spend_sink"]
+
+
+@dataclass(slots=True)
+class RunSink:
+    """What the guarded calls made inside one run of a ``@guarded`` function leave behind:
+    what they cost (the function's cache entry remembers it, as what a later hit saved) and
+    the responses they returned (so the function returning one is not charged twice)."""
+
+    spent: list[Decimal] = field(default_factory=list)
+    responses: list[Any] = field(default_factory=list)
+
+
+spend_sink: ContextVar[RunSink | None] = ContextVar("tokenguard_spend_sink", default=None)
 
 log = logging.getLogger("tokenguard")
 
@@ -85,6 +100,8 @@ class Call:
     prints: Prints | None = None
     # the caller's OpenTelemetry context, when telemetry is on (the call's span goes under it)
     otel_context: Any = None
+    # where this call's cost is also added (a decorated function's run), if anywhere
+    sink: RunSink | None = None
 
 
 class Pipeline:
@@ -217,6 +234,7 @@ class Pipeline:
         )
         if self.telemetry is not None:
             call.otel_context = self.telemetry.current()
+        call.sink = spend_sink.get()
         if self.cache is not None and cache_context is not None:
             control = current_cache_control()
             wanted = control.always or self.cache.cache_all or deterministic(body, endpoint.name)
@@ -369,6 +387,74 @@ class Pipeline:
         usage = Usage(input_tokens=input_tokens, output_tokens=max(tokens - input_tokens, 0))
         return usage, self._price(call, call.model, usage, {})
 
+    def record_external(
+        self,
+        *,
+        vendor: str,
+        endpoint: str,
+        model: str,
+        usage: Usage,
+        cost: Decimal | None,
+        scope: Mapping[str, str],
+        started: float,
+        outcome: Outcome = "ok",
+        error: str | None = None,
+        saved: Decimal | None = None,
+        attempts: int = 1,
+    ) -> None:
+        """A ledger row for what tokenguard did not send itself (a ``@guarded`` function: its
+        cache hits and loop blocks, an unguarded client's response it returned, the cost it
+        reported), its spend settled on the budgets (there was no reservation)."""
+        if self.budgets is not None and outcome not in ("blocked", "cache_hit"):
+            try:
+                self.budgets.settle(None, scope, usage, cost)
+            except Exception:
+                log.exception("tokenguard: could not settle the budgets of %s", endpoint)
+        row = LedgerRow(
+            ts=self._now(),
+            vendor=vendor,
+            endpoint=endpoint,
+            model=model,
+            scope=MappingProxyType(dict(scope)),
+            usage=usage,
+            cost_usd=cost,
+            estimated=False,
+            outcome=outcome,
+            error=error,
+            attempts=attempts,
+            latency_s=time.perf_counter() - started,
+            stream=False,
+            saved_usd=saved,
+        )
+        self.write(row)
+        log_call(row)
+
+    def charge_response(
+        self, result: Any, *, scope: Mapping[str, str], started: float, sink: RunSink | None = None
+    ) -> Decimal | None:
+        """Charge a vendor response that an unguarded client produced (a ``@guarded``
+        function returned it): its usage, priced. ``None`` when ``result`` is not one, or
+        when a guarded client already recorded it (it is in ``sink``)."""
+        found = _vendor_response(result)
+        if found is None or (sink is not None and any(r is result for r in sink.responses)):
+            return None
+        adapter, endpoint = found
+        seen = adapter.from_json(endpoint, result)
+        if seen.usage is None:
+            return None
+        model = seen.model or str(getattr(result, "model", "") or "unknown")
+        cost = self.prices.cost(adapter.vendor, model, seen.usage, seen.price_context)
+        self.record_external(
+            vendor=adapter.vendor,
+            endpoint=endpoint.name,
+            model=model,
+            usage=seen.usage,
+            cost=cost,
+            scope=scope,
+            started=started,
+        )
+        return cost
+
     def record_hit(self, call: Call) -> None:
         """A call answered from the cache: $0, outcome cache_hit, the original cost saved."""
         entry = call.cache_entry
@@ -403,6 +489,7 @@ class Pipeline:
             cache_key=like.cache_key,
             cache_entry=entry,
             prints=like.prints,
+            sink=spend_sink.get(),
         )
         if self.loops is not None and self.loops.detector.count_cache_hits:
             self._check_loop(call)
@@ -447,6 +534,8 @@ class Pipeline:
         its usage is read from it instead of decoding the JSON a second time.
         """
         call.observed = True
+        if call.sink is not None and parsed is not None:
+            call.sink.responses.append(parsed)
         answered_by: str | None = None
         try:
             if parsed is not None and isinstance(getattr(parsed, "usage", None), pydantic.BaseModel):
@@ -698,6 +787,8 @@ class Pipeline:
             saved_usd=saved,
         )
         self.write(row)
+        if call.sink is not None and cost:
+            call.sink.spent.append(cost)
         log_call(row)
         if self.telemetry is not None:
             try:
@@ -822,3 +913,27 @@ def _decoded(encoding: str, body: bytes) -> bytes:
         return httpx2.Response(200, headers={"content-encoding": encoding}, content=body).read()
     except Exception:  # a body cut off mid-frame: estimate from the request instead
         return b""
+
+
+def _vendor_response(result: Any) -> tuple[Adapter, Endpoint] | None:
+    """The adapter and endpoint of a vendor response object, if ``result`` is one."""
+    import anthropic.types
+    import openai.types
+    import openai.types.chat
+    import openai.types.responses
+
+    from .providers import AnthropicAdapter, OpenAIAdapter
+    from .providers.anthropic import MESSAGES
+    from .providers.openai import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+
+    if isinstance(result, openai.types.chat.ChatCompletion):
+        return OpenAIAdapter("openai"), CHAT
+    if isinstance(result, openai.types.responses.Response):
+        return OpenAIAdapter("openai"), RESPONSES
+    if isinstance(result, openai.types.Completion):
+        return OpenAIAdapter("openai"), COMPLETIONS
+    if isinstance(result, openai.types.CreateEmbeddingResponse):
+        return OpenAIAdapter("openai"), EMBEDDINGS
+    if isinstance(result, anthropic.types.Message):
+        return AnthropicAdapter(), MESSAGES
+    return None

@@ -469,7 +469,9 @@ class Retrier:
         self._exponential = tenacity.wait_exponential(multiplier=config.initial_delay_s, max=config.max_delay_s)
         self._budget_warned_at = -math.inf
 
-    def _tenacity_args(self, attempts: Attempts, started: float) -> dict[str, Any]:
+    def _tenacity_args(
+        self, attempts: Attempts, started: float, retry_if: Callable[[BaseException], bool] | None = None
+    ) -> dict[str, Any]:
         config = self.config
         verdicts: dict[int, Verdict] = {}
 
@@ -483,13 +485,12 @@ class Retrier:
             return verdict
 
         def retryable(state: tenacity.RetryCallState) -> bool:
-            return (
-                state.outcome is not None
-                and state.outcome.failed
-                and attempts.replayable
-                and verdict_of(state).retry
-                and config.attempts > 1
-            )
+            if state.outcome is None or not state.outcome.failed or not attempts.replayable or config.attempts <= 1:
+                return False
+            if retry_if is not None:
+                exc = state.outcome.exception()
+                return exc is not None and retry_if(exc)
+            return verdict_of(state).retry
 
         def wait(state: tenacity.RetryCallState) -> float:
             asked = verdict_of(state).retry_after_s
@@ -584,7 +585,13 @@ class Retrier:
             self._budget.note_call()
         return self._start_attempt(attempts, 1, started)
 
-    def run(self, attempts: Attempts, send: Callable[[int, float | None], T]) -> T:
+    def run(
+        self,
+        attempts: Attempts,
+        send: Callable[[int, float | None], T],
+        *,
+        retry_if: Callable[[BaseException], bool] | None = None,
+    ) -> T:
         """Send (``send(attempt_number, seconds_left)``) until it succeeds or the policy gives
         up; the last error is raised as it was.
 
@@ -602,7 +609,7 @@ class Retrier:
         else:
             self._end_attempt(attempts, None)
             return result
-        for attempt in tenacity.Retrying(sleep=time.sleep, **self._tenacity_args(attempts, started)):
+        for attempt in tenacity.Retrying(sleep=time.sleep, **self._tenacity_args(attempts, started, retry_if)):
             with attempt:
                 number = attempt.retry_state.attempt_number
                 if number == 1:
@@ -617,7 +624,13 @@ class Retrier:
                 return result
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def run_async(self, attempts: Attempts, send: Callable[[int, float | None], Awaitable[T]]) -> T:
+    async def run_async(
+        self,
+        attempts: Attempts,
+        send: Callable[[int, float | None], Awaitable[T]],
+        *,
+        retry_if: Callable[[BaseException], bool] | None = None,
+    ) -> T:
         """``run`` for asyncio: sleeps with ``asyncio.sleep`` (cancellable at any point)."""
         started = self._clock()
         left = self._first(attempts, started)
@@ -629,7 +642,7 @@ class Retrier:
         else:
             self._end_attempt(attempts, None)
             return result
-        async for attempt in tenacity.AsyncRetrying(**self._tenacity_args(attempts, started)):
+        async for attempt in tenacity.AsyncRetrying(**self._tenacity_args(attempts, started, retry_if)):
             with attempt:
                 number = attempt.retry_state.attempt_number
                 if number == 1:
