@@ -79,7 +79,7 @@ def test_scope_attribution_and_the_cache(fake: FakeLLM, guard: tokenguard.Guard)
     ask("capital?", team="geo")
     ask("capital?", "geo")  # the same call, however its arguments are given
     first, hit = rows(guard)
-    assert dict(first.scope) == {"user": "batch", "team": "geo"}
+    assert dict(first.scope) == {"function": f"{__name__}.{ask.__qualname__}", "user": "batch", "team": "geo"}
     assert first.vendor == "openai"
     assert hit.outcome == "cache_hit"
     assert hit.vendor == "function"
@@ -282,7 +282,7 @@ def test_a_vendor_response_from_an_unguarded_client_is_charged(fake: FakeLLM, gu
     assert row.usage.output_tokens == 100
     assert row.cost_usd is not None
     assert row.cost_usd > 0
-    assert dict(row.scope) == {"user": "legacy"}
+    assert dict(row.scope) == {"function": f"{__name__}.{legacy.__qualname__}", "user": "legacy"}
 
 
 def test_a_response_from_a_guarded_client_is_not_charged_twice(fake: FakeLLM, guard: tokenguard.Guard) -> None:
@@ -331,7 +331,8 @@ def test_outcomes_from_the_result(fake: FakeLLM, guard: tokenguard.Guard) -> Non
     ask("a")
     ask("a")
     outcomes = list(guard.store.outcomes())  # type: ignore[attr-defined]
-    assert [(o.name, dict(o.scope)) for o in outcomes] == [("answered", {"user": "bob"})] * 2
+    expected = {"function": f"{__name__}.{ask.__qualname__}", "user": "bob"}
+    assert [(o.name, dict(o.scope)) for o in outcomes] == [("answered", expected)] * 2
 
 
 # -- settings --------------------------------------------------------------------------------------

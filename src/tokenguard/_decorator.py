@@ -2,8 +2,9 @@
 
 Per call of the decorated function (sync or async, function or method):
 
-- **scope**: the decorator's attributes (``@guarded(user="batch")``) and ``scope_from(*args,
-  **kwargs)`` are in force while it runs, so guarded clients inside are attributed to it;
+- **scope**: ``function=<module.qualname>``, the decorator's attributes
+  (``@guarded(user="batch")``) and ``scope_from(*args, **kwargs)`` are in force while it runs,
+  so guarded clients inside are attributed to it;
 - **loops**: the function and its arguments are fingerprinted and checked with the guard's
   loop detector (the same request → the same answer → the same bug);
 - **cache**: with the guard's cache, a result is kept under the function's qualified name and
@@ -101,7 +102,8 @@ class _Spec:
         return self.guard if self.guard is not None else default_guard()
 
     def scope_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
-        attrs = dict(self.attrs)
+        # the calls made inside are attributed to the function (report --by function)
+        attrs = {"function": self.name, **self.attrs}
         if self.scope_from is not None:
             attrs.update(validate_scope(dict(self.scope_from(*args, **kwargs)), setting="guarded.scope_from"))
         return attrs
