@@ -11,6 +11,8 @@ import tokenguard
 
 
 def _public_members() -> dict[str, object]:
+    for name in tokenguard.__all__:  # the package imports its names on first use: load them all
+        getattr(tokenguard, name)
     return {
         name: value
         for name, value in vars(tokenguard).items()
@@ -97,3 +99,18 @@ def test_the_package_has_a_docstring() -> None:
     """The tokenguard package itself has a docstring."""
     assert tokenguard.__doc__
     assert tokenguard.__doc__.strip()
+
+
+def test_importing_the_package_and_its_pytest_plugin_does_not_import_the_sdks() -> None:
+    """The pytest plugin loads in every pytest run where tokenguard is installed: importing it
+    (and the package) must not pay for the openai and anthropic SDKs (seconds)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tokenguard, tokenguard.pytest_plugin; "
+        "heavy = [m for m in ('openai', 'anthropic', 'genai_prices', 'tiktoken') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

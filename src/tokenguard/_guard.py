@@ -336,10 +336,13 @@ def record_outcome(name: str, count: int = 1, *, guard: Guard | None = None, **s
     (guard if guard is not None else default_guard()).record_outcome(name, count, **scope)
 
 
-def set_default_guard(guard: Guard | None) -> None:
-    """Replace the process-wide default guard (``None``: rebuild it from the environment on next use)."""
+def set_default_guard(guard: Guard | None) -> Guard | None:
+    """Replace the process-wide default guard (``None``: rebuild it from the configuration on
+    next use). Returns the one it replaces (``None`` if none was built yet), so a test can put
+    it back."""
     global _default
     if guard is not None and not isinstance(guard, Guard):
         raise ConfigurationError("guard", guard, "must be a tokenguard.Guard")
     with _default_lock:
-        _default = guard
+        previous, _default = _default, guard
+    return previous
