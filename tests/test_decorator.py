@@ -368,3 +368,22 @@ def test_a_failed_inner_call_is_recorded_and_raised(fake: FakeLLM, guard: tokeng
     with pytest.raises(openai.BadRequestError):
         ask()
     assert [r.outcome for r in rows(guard)] == ["error"]
+
+
+def test_the_cache_never_hands_one_users_answer_to_another(guard: tokenguard.Guard) -> None:
+    """A function that reads the current user's data inside: the same arguments under another
+    user's scope run the function again (the scope is part of the key)."""
+    runs: list[str] = []
+
+    @tokenguard.guarded(guard=guard)
+    def my_balance(question: str) -> str:
+        user = tokenguard.current_scope()["user"]
+        runs.append(user)
+        return f"{user}'s balance"
+
+    with tokenguard.scope(user="alice"):
+        assert my_balance("balance?") == "alice's balance"
+        assert my_balance("balance?") == "alice's balance"
+    with tokenguard.scope(user="bob"):
+        assert my_balance("balance?") == "bob's balance"
+    assert runs == ["alice", "bob"]

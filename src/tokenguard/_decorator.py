@@ -7,8 +7,9 @@ Per call of the decorated function (sync or async, function or method):
   so guarded clients inside are attributed to it;
 - **loops**: the function and its arguments are fingerprinted and checked with the guard's
   loop detector (the same request → the same answer → the same bug);
-- **cache**: with the guard's cache, a result is kept under the function's qualified name and
-  the canonical JSON of its arguments; a repeat returns it without running the function
+- **cache**: with the guard's cache, a result is kept under the function's qualified name,
+  the canonical JSON of its arguments and the scope (a user's answer is never another's); a
+  repeat in the same scope returns it without running the function
   (results that are not plain JSON are not kept). A hit is a ``cache_hit`` ledger row that
   saved what the first run spent;
 - **retry**: a vendor error that can succeed on a second try (and that no guarded client
@@ -149,7 +150,10 @@ class _Run:
         self.use_loops = pipeline.loops is not None and spec.loops is not False
         self.key: str | None = None
         if self.use_cache or self.use_loops:
-            self.key = spec.digest(spec.material(args, kwargs))
+            # the scope is part of the key: a function that reads the current user's data inside
+            # must never hand one user's answer to another (the loop detector is per scope too)
+            where = json.dumps(sorted({**current_scope(), **self.scope}.items()))
+            self.key = spec.digest(spec.material(args, kwargs) + "\x00" + where)
         self.started = time.perf_counter()
 
     def check_loops(self) -> None:
