@@ -941,3 +941,10 @@ def test_help_shows_an_example(command: list[str]) -> None:
 def test_version() -> None:
     """--version prints the package version."""
     assert tokenguard.__version__ in ok(invoke("--version"))
+
+
+def test_report_since_after_until_is_one_line_exit_2(ledger: Ledger) -> None:
+    """--since at or after --until would silently report nothing: it is a mistake, said in one line."""
+    result = invoke("report", "--store", ledger.url, "--since", "2026-11-02", "--until", "2026-11-01")
+    assert result.exit_code == 2
+    assert "--since" in result.output + (result.stderr if hasattr(result, "stderr") else "")

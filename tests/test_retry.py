@@ -839,8 +839,9 @@ async def test_retry_after_a_timeout_is_refused_when_the_cap_cannot_hold_another
     reserve another: BudgetExceeded, no second request, a blocked row carrying the charge."""
     guard = budget_guard(WORST + WORST / 2)
     billed_fake.queue(httpx2.ReadTimeout("slow"))
-    with pytest.raises(BudgetExceeded):
+    with pytest.raises(BudgetExceeded) as info:
         await call(billed_fake.openai(guard=guard, async_=async_))
+    assert "This retry was not sent (1 attempt(s) were)" in str(info.value)  # not "Nothing was sent"
     assert len(billed_fake.requests) == 1
     row = only_row(guard)
     assert (row.outcome, row.error, row.attempts) == ("blocked", "budget", 1)

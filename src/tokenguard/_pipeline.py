@@ -335,7 +335,12 @@ class Pipeline:
     def readmit(self, call: Call) -> None:
         """Before a retry: the checks of a first attempt again (the budgets may have filled up
         meanwhile). Raises, after recording a ``blocked`` row, when the retry must not be sent."""
-        self._admit(call, first=False)
+        try:
+            self._admit(call, first=False)
+        except BudgetExceeded as err:  # say that earlier attempts were sent (and maybe billed)
+            sent = call.attempts
+            err.args = (str(err).replace("Nothing was sent;", f"This retry was not sent ({sent} attempt(s) were);"),)
+            raise
 
     def _check_loop(self, call: Call) -> None:
         """Note the call with the loop detector; raise ``LoopDetected`` (after recording a

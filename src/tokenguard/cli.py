@@ -204,6 +204,8 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
     opened = _open_store(store, must_exist=True)
     start = parse_when(since, setting="--since")
     end = parse_when(until, setting="--until")
+    if start is not None and end is not None and start >= end:
+        raise _UserError(f"--since ({start:%Y-%m-%d %H:%M}) must be before --until ({end:%Y-%m-%d %H:%M})")
     with console.status("reading the ledger…") as status:
         result = build_report(
             opened,
