@@ -247,6 +247,7 @@ def test_the_period_fills_the_chart_and_is_named(setup: Setup) -> None:
     assert len(days_of(svg(page))) == 7  # June 1 to 7
     text = parse(page).text
     assert "Period 2025-06-01 to 2025-06-08 UTC (end excluded)" in text
+    assert "(1 with calls)" in text  # the quiet days are charted, not counted as days with calls
     assert "Generated 2025-06-10 12:00 UTC" in text
     assert "Period All time" in parse(render_html(setup.report())).text
 

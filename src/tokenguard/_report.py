@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Final
 
@@ -146,7 +146,7 @@ class Report:
     until: datetime | None
     groups: list[Group]
     total: Group
-    daily: list[tuple[date, Decimal, Decimal]]  # (day, spent, saved)
+    daily: list[tuple[date, Decimal, Decimal]]  # (day, spent, saved), the days with calls
     store: str
     generated_at: datetime
 
@@ -298,32 +298,7 @@ def build_report(
         until=until,
         groups=[groups[k] for k in sorted(groups, key=_natural)],
         total=total,
-        daily=_every_day(daily, since, until, generated),
+        daily=[(d, v[0], v[1]) for d, v in sorted(daily.items())],
         store=_redact(str(getattr(store, "url", type(store).__name__))),
         generated_at=generated,
     )
-
-
-def _every_day(
-    daily: Mapping[date, list[Decimal]], since: datetime | None, until: datetime | None, now: datetime
-) -> list[tuple[date, Decimal, Decimal]]:
-    """Spend and savings for every day of the period (quiet days as zero), so a chart of it
-    shows the gaps: from ``since`` (else the first day with calls) to ``until`` (else the
-    last day with calls, or today when ``since`` is given); at most ten years."""
-    if not daily and since is None:
-        return []
-    first = since.astimezone(UTC).date() if since else min(daily)
-    if until is not None:
-        last = (until - timedelta(microseconds=1)).astimezone(UTC).date()
-    else:
-        last = max([*daily, now.astimezone(UTC).date()] if since else daily)
-    if (last - first).days > 3_660:
-        first = last - timedelta(days=3_660)
-    zero = [Decimal(0), Decimal(0)]
-    out = []
-    day = first
-    while day <= last:
-        spent, saved = daily.get(day, zero)
-        out.append((day, spent, saved))
-        day += timedelta(days=1)
-    return out
