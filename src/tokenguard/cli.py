@@ -23,18 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import TokenguardError
+from ._errors import TokenguardError, _plain
 from ._report import Group, Report, build_report, parse_when
 
 __all__ = ["main", "print_report"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _exact(amount: Decimal) -> str:
-    """An exact amount, without exponent or trailing zeros: 0E-9 -> 0, 0.350000000 -> 0.35."""
-    text = format(amount.normalize(), "f")
-    return text
 
 
 def _usd(amount: Decimal | None, places: int = 4) -> str:
@@ -300,9 +294,9 @@ def budgets(store: str | None, fmt: str) -> None:
                     {
                         "budget": s.budget.describe(),
                         "key": s.key,
-                        "spent_usd": _exact(s.spent_usd),
-                        "held_usd": _exact(s.held_usd),
-                        "limit_usd": None if s.budget.usd is None else _exact(s.budget.usd),
+                        "spent_usd": _plain(s.spent_usd),
+                        "held_usd": _plain(s.held_usd),
+                        "limit_usd": None if s.budget.usd is None else _plain(s.budget.usd),
                         "spent_tokens": s.spent_tokens,
                         "limit_tokens": s.budget.limit_tokens,
                         "resets_at": None if s.resets_at is None else s.resets_at.isoformat(),
@@ -527,7 +521,7 @@ def estimate(
         console.print(f"          = {count_messages_tokens(texts, model, messages=messages):,} tokens counted exactly")
     source = "max_tokens" if output_bound else "the context window" if card.context_window else "the default bound"
     console.print(f"  output  ≤ {output:,} tokens ({source})")
-    console.print(f"  [bold]worst case ${_exact(worst)}[/]  — what a budget reserves before the call is sent")
+    console.print(f"  [bold]worst case ${_plain(worst)}[/]  — what a budget reserves before the call is sent")
 
 
 @main.command("config", epilog="\b\nExamples:\n  tokenguard config\n  TOKENGUARD_CACHE=memory tokenguard config")
