@@ -311,12 +311,12 @@ class Pipeline:
         return call
 
     def _release(self, call: Call) -> None:
-        """Give back the call's reservation (it will not be sent)."""
+        """Give back the call's reservation (it will not be sent, or its attempt failed unbilled)."""
         if call.hold is not None and self.budgets is not None:
             try:
                 self.budgets.settle(call.hold, call.scope, Usage(), Decimal(0))
             except Exception:  # the hold expires on its own
-                log.exception("tokenguard: could not release the budgets of a refused %s call", call.endpoint.name)
+                log.exception("tokenguard: could not release the budgets of a %s call", call.endpoint.name)
             call.hold = None
 
     def land(self, call: Call) -> None:
@@ -369,16 +369,18 @@ class Pipeline:
         vendor may have billed it (a timeout after the request was sent) — kept as an
         estimated charge, so that retried timeouts cannot silently overshoot a cap."""
         call.sending = False
-        usage, cost = self._billed_estimate(call) if billed else (Usage(), Decimal(0))
-        if self.budgets is not None and (call.hold is not None or billed):
+        if not billed:
+            self._release(call)
+            return
+        usage, cost = self._billed_estimate(call)
+        if self.budgets is not None:
             try:
                 self.budgets.settle(call.hold, call.scope, usage, cost)
             except Exception:  # the hold expires on its own; the retry must not fail for this
                 log.exception("tokenguard: could not settle the budgets of a failed %s attempt", call.endpoint.name)
         call.hold = None
-        if billed:
-            call.carried_usage = usage if call.carried_usage is None else call.carried_usage + usage
-            call.carried_cost += cost or Decimal(0)
+        call.carried_usage = usage if call.carried_usage is None else call.carried_usage + usage
+        call.carried_cost += cost or Decimal(0)
 
     def _billed_estimate(self, call: Call) -> tuple[Usage, Decimal | None]:
         """What an attempt the vendor may have billed is charged: what was reserved for it
