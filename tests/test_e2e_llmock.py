@@ -11,43 +11,11 @@ import pytest
 from genai_prices import calc_price
 
 import tokenguard
+from llmock_clients import ant, oai, only_row
+from llmock_clients import close_clients as _close_clients  # noqa: F401  (an autouse fixture)
 from tokenguard._pricing import genai_usage
 
 PROMPT = [{"role": "user", "content": "Summarise the quarterly report in one line, please."}]
-
-
-_open: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> Any:
-    """Every client a test opens is closed after it, so no socket outlives its test."""
-    yield
-    while _open:
-        client = _open.pop()
-        result = client.close()
-        if result is not None:
-            await result
-
-
-def oai(llmock: Any, guard: tokenguard.Guard, *, async_: bool = False) -> Any:
-    cls = tokenguard.AsyncOpenAI if async_ else tokenguard.OpenAI
-    client = cls(base_url=llmock.base_url("openai"), api_key="sk-e2e-key", guard=guard)
-    _open.append(client)
-    return client
-
-
-def ant(llmock: Any, guard: tokenguard.Guard, *, async_: bool = False) -> Any:
-    cls = tokenguard.AsyncAnthropic if async_ else tokenguard.Anthropic
-    client = cls(base_url=llmock.base_url("anthropic"), api_key="sk-ant-e2e-key", guard=guard)
-    _open.append(client)
-    return client
-
-
-def only_row(guard: tokenguard.Guard) -> tokenguard.LedgerRow:
-    rows = list(guard.store.rows())
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 def priced(row: tokenguard.LedgerRow, provider: str) -> Any:

@@ -13,48 +13,18 @@ import openai
 import pytest
 
 import tokenguard
+from llmock_clients import ant, oai, only_row
+from llmock_clients import close_clients as _close_clients  # noqa: F401  (an autouse fixture)
 
 PROMPT = [{"role": "user", "content": "Summarise the quarterly report in one line, please."}]
 OA = "gpt-4o-mini"
 AN = "claude-haiku-4-5"
-
-_open: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> Any:
-    """Every client a test opens is closed after it, so no socket outlives its test."""
-    yield
-    while _open:
-        result = _open.pop().close()
-        if result is not None:
-            await result
 
 
 def retrying_guard(**kw: Any) -> tokenguard.Guard:
     kw.setdefault("initial_delay_s", 0.001)
     kw.setdefault("max_delay_s", 1.0)
     return tokenguard.Guard(store="memory://", retry=tokenguard.Retry(**kw))
-
-
-def oai(llmock: Any, guard: tokenguard.Guard, *, async_: bool = False) -> Any:
-    cls = tokenguard.AsyncOpenAI if async_ else tokenguard.OpenAI
-    client = cls(base_url=llmock.base_url("openai"), api_key="sk-e2e-key", guard=guard)
-    _open.append(client)
-    return client
-
-
-def ant(llmock: Any, guard: tokenguard.Guard, *, async_: bool = False) -> Any:
-    cls = tokenguard.AsyncAnthropic if async_ else tokenguard.Anthropic
-    client = cls(base_url=llmock.base_url("anthropic"), api_key="sk-ant-e2e-key", guard=guard)
-    _open.append(client)
-    return client
-
-
-def only_row(guard: tokenguard.Guard) -> tokenguard.LedgerRow:
-    rows = list(guard.store.rows())
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 def test_rate_limited_twice_then_answered_over_loopback(llmock: Any) -> None:
