@@ -15,10 +15,8 @@ this process always reads its own rows; other processes see them within
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import multiprocessing.util
 import os
 import random
 import sqlite3
@@ -33,10 +31,11 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, fits, from_nano, to_nano
-from .._errors import ConfigurationError, StoreUnavailable
+from .._errors import StoreUnavailable
 from .._ledger import LedgerRow, OutcomeRow, Stats
 from .._loops import Decision
 from .._usage import Usage
+from ._writebehind import WriteBehind
 
 __all__ = ["SQLiteStore", "money_text"]
 
@@ -47,7 +46,6 @@ except ImportError:  # Windows: writers wait on SQLite's lock alone
     fcntl = None
 
 log = logging.getLogger("tokenguard")
-_MAX_QUEUE = 2000  # past this many queued rows, record() commits them itself
 
 _SCHEMA_VERSION: Final = 3  # 3: the loop detector's tables, outcomes
 _SCHEMA: Final = """
@@ -185,40 +183,6 @@ def _values(row: LedgerRow) -> tuple[Any, ...]:
     )
 
 
-def _writer_loop(ref: weakref.ref[SQLiteStore]) -> None:
-    """Commit queued rows in batches until the store is closed or collected.
-
-    Holds the store only while flushing, so a store dropped without ``close()`` can be
-    collected (its finalizer then writes what was still queued).
-    """
-    store = ref()
-    if store is None:
-        return
-    cond, queue, delay = store._cond, store._queue, store.write_behind_s
-    del store
-    while True:
-        with cond:
-            while not queue:
-                cond.wait(1.0)
-                alive = ref()
-                if alive is None or alive._closed:
-                    return
-                del alive
-        time.sleep(delay)  # let rows gather into one transaction
-        store = ref()
-        if store is None:
-            return
-        try:
-            store.flush()
-        except StoreUnavailable as err:
-            log.error("tokenguard: ledger write failed; rows stay queued and are retried: %s", err)
-            time.sleep(1.0)
-        del store
-
-
-_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
-
-
 def _write_leftovers(path: Path, queue: list[LedgerRow]) -> None:
     """Write the rows a store still had queued when it was dropped without ``close()``."""
     if not queue:
@@ -235,41 +199,6 @@ def _write_leftovers(path: Path, queue: list[LedgerRow]) -> None:
             conn.close()
     except sqlite3.Error as err:
         log.error("tokenguard: %d ledger row(s) of a dropped store could not be written: %s", len(rows), err)
-
-
-def _flush_all() -> None:
-    """Write every store's queue (at exit)."""
-    for store in list(_stores):
-        if store._pid != os.getpid():
-            continue
-        try:
-            store.flush()
-        except Exception as err:  # exit must go on
-            log.error("tokenguard: %d ledger row(s) could not be written at exit: %s", store.queued, err)
-
-
-class _ExitHook:
-    """Registers ``_flush_all`` with multiprocessing, whose workers leave through ``os._exit``
-    (skipping atexit) but run its finalizers; a forked worker re-registers after its fork."""
-
-    def register(self) -> None:
-        multiprocessing.util.Finalize(None, _flush_all, exitpriority=10)
-        multiprocessing.util.register_after_fork(self, _ExitHook.register)
-
-
-_exit_hook = _ExitHook()
-_exit_hook.register()
-atexit.register(_flush_all)
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_stores):
-        # rows queued in the parent are the parent's to write
-        store._reset_after_fork()
-        store._conn = None
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _DecimalSum:
@@ -301,40 +230,27 @@ def _where(since: datetime | None, until: datetime | None, scope: Mapping[str, s
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-class SQLiteStore:
+class SQLiteStore(WriteBehind):
     """The ledger in one SQLite file (created, with its directory, on first use)."""
 
     def __init__(self, path: str | os.PathLike[str], *, write_behind_s: float = 0.05) -> None:
         # absolute: a process that forks and changes directory must reopen the same file
         self.path = Path(path).expanduser().absolute()
         self.url = f"sqlite:///{self.path}"
-        if (
-            isinstance(write_behind_s, bool)
-            or not isinstance(write_behind_s, int | float)
-            or not (0 <= write_behind_s <= 60)
-        ):
-            raise ConfigurationError("write_behind_s", write_behind_s, "must be between 0 and 60 seconds")
-        self.write_behind_s = float(write_behind_s)
         self._pid = -1
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._loop_writes = 0
         self._lock_pid = -1
-        # one list object for the store's life (mutated in place), so the finalizer below
-        # can write what a store dropped without close() still had queued
-        self._queue: list[LedgerRow] = []
-        self._reset_after_fork()
+        self._lock = threading.Lock()  # guards the connection
+        self._start_write_behind(write_behind_s)
         self._connect()
-        _stores.add(self)
         weakref.finalize(self, _write_leftovers, self.path, self._queue)
 
-    def _reset_after_fork(self) -> None:
-        self._lock = threading.Lock()  # guards the connection
-        self._flush_lock = threading.Lock()  # one batch at a time
-        self._cond = threading.Condition()  # guards the queue
-        self._queue.clear()
-        self._writer: threading.Thread | None = None
-        self._closed = False
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._lock = threading.Lock()
+        self._conn = None
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
@@ -379,44 +295,6 @@ class SQLiteStore:
         if self._conn is None or self._pid != os.getpid():
             return self._connect()
         return self._conn
-
-    def record(self, row: LedgerRow) -> None:
-        """Queue one row for the writer thread (or commit it now when ``write_behind_s=0``)."""
-        if self.write_behind_s <= 0:
-            self._commit([row])
-            return
-        with self._cond:
-            self._queue.append(row)
-            backlog = len(self._queue)
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(
-                    target=_writer_loop, args=(weakref.ref(self),), name="tokenguard-ledger-writer", daemon=True
-                )
-                self._writer.start()
-            if backlog == 1:
-                self._cond.notify()
-        if backlog >= _MAX_QUEUE:
-            self.flush()
-
-    def flush(self) -> None:
-        """Commit every queued row now (raises ``StoreUnavailable`` if that fails; the rows stay queued)."""
-        with self._flush_lock:
-            with self._cond:
-                batch = self._queue[:]
-                self._queue.clear()
-            if not batch:
-                return
-            try:
-                self._commit(batch)
-            except BaseException:
-                with self._cond:
-                    self._queue[:0] = batch
-                raise
-
-    @property
-    def queued(self) -> int:
-        """Rows recorded but not yet committed."""
-        return len(self._queue)
 
     def _commit(self, rows: list[LedgerRow]) -> None:
         values = [_values(row) for row in rows]
@@ -803,11 +681,8 @@ class SQLiteStore:
     def close(self) -> None:
         """Write queued rows, stop the writer and close this process's connection."""
         try:
-            self.flush()
+            self._stop_writer()
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
             with self._lock:
                 if self._conn is not None and self._pid == os.getpid():
                     self._conn.close()
