@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import tokenguard
+from redis_server import RedisServer
 from tokenguard import _tokens
 from tokenguard.testing import FakeLLM
 
@@ -34,3 +35,17 @@ def guard() -> tokenguard.Guard:
 def fake() -> FakeLLM:
     """A fake OpenAI + Anthropic API with the default reply."""
     return FakeLLM()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests keep apart by prefix: ``fresh_url()``)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A Redis store URL with a prefix no other test uses."""
+    return redis_server.fresh_url()

@@ -65,13 +65,16 @@ def fake() -> FakeLLM:
     return FakeLLM(Reply(input_tokens=40, output_tokens=15))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def make_guard(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Guard]]:
     """Builds guards on the parametrized store, with MODEL priced and a fixed clock by default."""
     made: list[Guard] = []
 
     def make(**kw: Any) -> Guard:
-        store = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / f'ledger{len(made)}.db'}"
+        if request.param == "redis":
+            store = request.getfixturevalue("redis_server").fresh_url()
+        else:
+            store = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / f'ledger{len(made)}.db'}"
         kw.setdefault("clock", Clock())
         kw.setdefault("retry", False)  # one scripted failure is one failed call (retries: test_retry.py)
         g = Guard(store=store, **kw)

@@ -71,10 +71,14 @@ def worker_cost(worker: int, i: int) -> Decimal:
 # --------------------------------------------------------------------------- the store contract
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Each store implementation, fresh and empty."""
-    s: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "l.db")
+    s: Store
+    if request.param == "redis":
+        s = open_store(request.getfixturevalue("redis_url"))
+    else:
+        s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "l.db")
     yield s
     s.close()
 
@@ -580,7 +584,8 @@ class TestOpenStore:
         ],
     )
     def test_url_passwords_are_not_in_errors(self, url: str) -> None:
-        """An unsupported URL with credentials raises ConfigurationError naming store, without the password."""
+        """An unsupported or unreachable URL with credentials raises ConfigurationError naming store,
+        without the password."""
         with pytest.raises(ConfigurationError) as info:
             open_store(url)
         assert info.value.setting == "store"

@@ -236,6 +236,7 @@ class Claim(NamedTuple):
     limit_tokens: int | None
     enforce: bool
     thresholds: tuple[float, ...] = ()
+    period: str = ""  # the budget's period ("day", ...): how long a shared store keeps the key
 
 
 class Totals(NamedTuple):
@@ -434,6 +435,7 @@ class BudgetBook:
                         budget.limit_tokens,
                         budget.action == "block",
                         budget.alerts + ((1.0,) if budget.action == "alert" else ()),
+                        budget.period,
                     ),
                 )
             )

@@ -320,13 +320,16 @@ class LoopStore(Protocol):
         window_s: float,
         keep: int,
         decide: Callable[[list[History], list[tuple[float, str]]], Decision],
+        group: str = "",
     ) -> Decision:
         """Atomically (across threads, and processes for a shared store): hand ``decide``
         each key's history inside the window (at most ``keep`` entries, oldest first) and
         each key's cool-down (until when, and the detail of the request refused last;
         ``(0.0, "")`` for none); then apply its decision — append ``(now, detail)`` to each
         key when ``record``, and put the (key, detail) pairs it names in a cool-down until
-        ``until``. Entries out of the window are dropped; the total kept is bounded."""
+        ``until``. Entries out of the window are dropped; the total kept is bounded.
+        ``group`` names the scope the keys belong to (a shared store keeps a group together,
+        e.g. in one Redis Cluster slot)."""
 
 
 class LoopBook:
@@ -395,7 +398,7 @@ class LoopBook:
         # warn mode lets loops run on: keep more history, so ``repeats`` keeps counting
         keep = detector.max_repeats + 1 if detector.mode == "block" else min(10 * (detector.max_repeats + 1), 1000)
         decision = self._store.loop_observe(
-            keys, details, now=now, window_s=detector.window_s, keep=keep, decide=decide
+            keys, details, now=now, window_s=detector.window_s, keep=keep, decide=decide, group=_digest(where)
         )
         loop = decision.loop
         if loop is not None:

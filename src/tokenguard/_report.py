@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store
-from .stores import _redact
+from .stores._url import redact as _redact
 
 __all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
 

@@ -1,4 +1,5 @@
-"""Ledger stores, chosen by URL: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``.
+"""Ledger stores, chosen by URL: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
+``redis://host:6379/0`` (extra ``tokenguard[redis]``).
 
 ``open_store()`` turns a ``store=`` / ``TOKENGUARD_STORE`` value into a ``Store``.
 """
@@ -12,10 +13,19 @@ import platformdirs
 
 from .._errors import ConfigurationError
 from .._ledger import Store
+from ._url import redact as _redact
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "SQLiteStore", "default_store_path", "open_store"]
+__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "default_store_path", "open_store"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "RedisStore":  # imported on first use: redis-py is an optional extra
+        from .redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_store_path() -> Path:
@@ -41,23 +51,11 @@ def open_store(store: str | os.PathLike[str] | Store | None) -> Store:
             raise ConfigurationError("store", store, "name a file: sqlite:///relative.db or sqlite:////abs.db")
         return SQLiteStore(path)
     if store.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError(
-            "store", _redact(store), "the Redis store is not in this release yet; use sqlite:/// or memory://"
-        )
+        from .redis_store import RedisStore
+
+        return RedisStore(store)
     raise ConfigurationError(
         "store",
         _redact(store),
-        "unknown store; use memory://, sqlite:///relative.db or sqlite:////abs/path.db",
+        "unknown store; use memory://, sqlite:///relative.db, sqlite:////abs/path.db or redis://host:6379/0",
     )
-
-
-def _redact(url: str) -> str:
-    """The URL fit for an error message: any password replaced, any query string dropped."""
-    url, query_sep, _ = url.partition("?")
-    suffix = "?***" if query_sep else ""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url + suffix
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return (f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}") + suffix

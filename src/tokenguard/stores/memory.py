@@ -101,6 +101,7 @@ class MemoryStore:
         window_s: float,
         keep: int,
         decide: Callable[[list[list[tuple[float, str]]], list[tuple[float, str]]], Decision],
+        group: str = "",
     ) -> Decision:
         """See ``tokenguard._loops.LoopStore`` (atomic across this process's threads)."""
         with self._lock:

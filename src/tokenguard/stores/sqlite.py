@@ -638,6 +638,7 @@ class SQLiteStore(WriteBehind):
         window_s: float,
         keep: int,
         decide: Callable[[list[list[tuple[float, str]]], list[tuple[float, str]]], Decision],
+        group: str = "",
     ) -> Decision:
         """See ``tokenguard._loops.LoopStore``: atomic across the processes sharing this file."""
 

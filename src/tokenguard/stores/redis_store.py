@@ -1,0 +1,1169 @@
+"""``redis://host:6379/0``: one set of budgets, loop history and ledger for a whole fleet.
+
+Every process on every host that names the same Redis (and prefix) enforces the same caps.
+
+* **Budgets**: reserve, settle and the other budget operations are Lua scripts, one round
+  trip each, atomic on the server. Money is whole nano-dollars kept as (dollars, nanos)
+  pairs, so the scripts compare exactly whatever the amount. Every key of a budget key is
+  hash-tagged (``tokenguard:b:{<digest>}:<period>:c``), so one budget key lives in one
+  slot of a Redis Cluster; counters and holds expire a day after their period ends.
+  Threshold alerts fire once across the fleet (``SET NX``).
+* **Loop detector**: each scope's history is a few lists under one hash tag, read and
+  written by two scripts with a version check (compare-and-set), retried on a conflict.
+* **Ledger**: rows go to a capped stream (``max_rows``, default 1,000,000, trimmed
+  approximately) written behind the call like SQLite's, and into running totals per hour
+  (kept 48 hours), per day (kept ``days``, default 400) and for all time — for all calls
+  and for each ``attribute=value`` of their scope. ``spent()`` and ``stats()`` read the
+  totals (filters on none or one scope attribute, any period) or, for filters on several
+  attributes, the stream — if it still holds the period, else a clear error says so.
+  ``rows()`` (and so ``tokenguard report``) reads the stream.
+* **Failure policy** (``on_failure``): ``"closed"`` (default) — with Redis unreachable a
+  budget cannot be checked, so a call under a budget is refused with ``StoreUnavailable``
+  and nothing is sent. ``"open"`` — the budgets and loop checks of this process fall back
+  to its own memory with a loud error in the log; the spend settled meanwhile is added to
+  Redis when it returns. Every command has a timeout (``timeout``, default 0.5 s) and one
+  reconnect; after a failure Redis is not tried again for ``retry_s`` (1 s), so a dead
+  Redis costs a call at most about a second, then nothing.
+
+See docs/scaling.md for the key layout and how it scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .._budget import Claim, Fired, Refusal, Totals, crossed, from_nano, to_nano
+from .._errors import ConfigurationError, StoreUnavailable
+from .._ledger import LedgerRow, OutcomeRow, Stats, matches_scope
+from .._loops import Decision
+from .._periods import PERIODS, period_end
+from .._usage import Usage
+from ._url import redact
+from ._writebehind import WriteBehind
+from .memory import MemoryStore
+
+__all__ = ["RedisStore", "redis_client"]
+
+log = logging.getLogger("tokenguard")
+T = TypeVar("T")
+
+_B: Final = 10**9
+_HOUR_KEEP_S: Final = 48 * 3600
+_LOOP_TRIES: Final = 50
+_SKEW_S: Final = 300.0  # clocks of hosts and the Redis server may differ this much
+_ROWS_BATCH: Final = 5000
+_TOUCHED: Final = 4096  # budget keys remembered per process, for reclaiming dead processes' holds
+_OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s")
+
+# -- Lua ------------------------------------------------------------------------------------------
+# Amounts are (dollars, nanos) pairs of Lua numbers, exact to 2^53 dollars; counters are hashes
+# with fields sd/sn (spent), hd/hn (held), st/ht (tokens); a hold is three fields of the holders
+# hash per owner ("host|pid"), whose lease is the owner's score in the expiry sorted set.
+
+_LUA_COMMON: Final = """
+local B = 1000000000
+local function num(v) if v then return tonumber(v) else return 0 end end
+local function fmt(x) return string.format('%.0f', x) end
+local function norm(d, n)
+  local c = math.floor(n / B)
+  d = d + c
+  n = n - c * B
+  if d < 0 then return 0, 0 end
+  return d, n
+end
+local function drop(C, H, X, who)
+  local v = redis.call('HMGET', H, who .. ':d', who .. ':n', who .. ':t')
+  local d, n, t = num(v[1]), num(v[2]), num(v[3])
+  if redis.call('EXISTS', C) == 1 then
+    local c = redis.call('HMGET', C, 'hd', 'hn', 'ht')
+    local hd, hn = norm(num(c[1]) - d, num(c[2]) - n)
+    redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(math.max(num(c[3]) - t, 0)))
+  end
+  redis.call('HDEL', H, who .. ':d', who .. ':n', who .. ':t')
+  redis.call('ZREM', X, who)
+  if d + n + t > 0 then return 1 end
+  return 0
+end
+local function expired(C, H, X, now)
+  local gone = 0
+  for _, who in ipairs(redis.call('ZRANGEBYSCORE', X, '-inf', now, 'LIMIT', 0, 256)) do
+    gone = gone + drop(C, H, X, who)
+  end
+  return gone
+end
+"""
+
+# KEYS: (C, H, X) per claim. ARGV: owner, now, expires_at, then per claim: usd dollars, usd nanos,
+# tokens, limit dollars, limit nanos, limit tokens ('' for no limit), expire-at of the keys ('' never).
+# Returns {0} when every claim is held, else {i, sd, sn, hd, hn, st, ht} of the first that does not fit.
+_LUA_RESERVE: Final = (
+    _LUA_COMMON
+    + """
+local owner, now, expires = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local n = #KEYS / 3
+local seen = {}
+for i = 1, n do expired(KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i], now) end
+for i = 1, n do
+  local a = 3 + (i - 1) * 7
+  local c = redis.call('HMGET', KEYS[3*i-2], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
+  local t = {num(c[1]), num(c[2]), num(c[3]), num(c[4]), num(c[5]), num(c[6])}
+  seen[i] = t
+  local refused = false
+  if ARGV[a+4] ~= '' then
+    local d, m = norm(t[1] + t[3] + tonumber(ARGV[a+1]), t[2] + t[4] + tonumber(ARGV[a+2]))
+    local ld, ln = tonumber(ARGV[a+4]), tonumber(ARGV[a+5])
+    refused = d > ld or (d == ld and m > ln)
+  end
+  if not refused and ARGV[a+6] ~= '' then
+    refused = t[5] + t[6] + tonumber(ARGV[a+3]) > tonumber(ARGV[a+6])
+  end
+  if refused then return {i, fmt(t[1]), fmt(t[2]), fmt(t[3]), fmt(t[4]), fmt(t[5]), fmt(t[6])} end
+end
+for i = 1, n do
+  local a = 3 + (i - 1) * 7
+  local C, H, X = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local t = seen[i]
+  local ud, un, ut = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
+  local hd, hn = norm(t[3] + ud, t[4] + un)
+  redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(t[6] + ut))
+  local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
+  local od, on = norm(num(v[1]) + ud, num(v[2]) + un)
+  redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(num(v[3]) + ut))
+  redis.call('ZADD', X, expires, owner)
+  if ARGV[a+7] ~= '' then
+    redis.call('EXPIREAT', C, ARGV[a+7])
+    redis.call('EXPIREAT', H, ARGV[a+7])
+    redis.call('EXPIREAT', X, ARGV[a+7])
+  end
+end
+return {0}
+"""
+)
+
+# KEYS: (C, H, X) per budget key. ARGV: owner, then operations of six: 'r' (release what this owner
+# holds) or 'a' (add spend), key index, dollars, nanos, tokens, expire-at ('' never).
+# Returns, per 'a', the spent dollars, nanos and tokens after it.
+_LUA_SETTLE: Final = (
+    _LUA_COMMON
+    + """
+local owner = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 6 do
+  local k = tonumber(ARGV[i+1])
+  local C, H, X = KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k]
+  local d, n, t = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
+  if ARGV[i] == 'r' then
+    local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
+    if v[1] or v[3] then
+      local od, on = norm(num(v[1]) - d, num(v[2]) - n)
+      local ot = math.max(num(v[3]) - t, 0)
+      if od == 0 and on == 0 and ot == 0 then
+        redis.call('HDEL', H, owner .. ':d', owner .. ':n', owner .. ':t')
+        redis.call('ZREM', X, owner)
+      else
+        redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(ot))
+      end
+      local c = redis.call('HMGET', C, 'hd', 'hn', 'ht')
+      local hd, hn = norm(num(c[1]) - d, num(c[2]) - n)
+      redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(math.max(num(c[3]) - t, 0)))
+    end
+  else
+    local c = redis.call('HMGET', C, 'sd', 'sn', 'st')
+    local sd, sn = norm(num(c[1]) + d, num(c[2]) + n)
+    local st = num(c[3]) + t
+    redis.call('HSET', C, 'sd', fmt(sd), 'sn', fmt(sn), 'st', fmt(st))
+    if ARGV[i+5] ~= '' then redis.call('EXPIREAT', C, ARGV[i+5]) end
+    out[#out+1] = fmt(sd)
+    out[#out+1] = fmt(sn)
+    out[#out+1] = fmt(st)
+  end
+end
+return out
+"""
+)
+
+# KEYS: C, H, X. ARGV: now. Drops lapsed holds; returns sd, sn, hd, hn, st, ht.
+_LUA_TOTALS: Final = (
+    _LUA_COMMON
+    + """
+expired(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
+local c = redis.call('HMGET', KEYS[1], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
+return {fmt(num(c[1])), fmt(num(c[2])), fmt(num(c[3])), fmt(num(c[4])), fmt(num(c[5])), fmt(num(c[6]))}
+"""
+)
+
+# KEYS: (C, H, X) per budget key. ARGV: now, host prefix ("host|"), then (key index, owner) pairs to drop.
+# Drops lapsed holds and the named owners' holds; returns how many of them held anything, then the
+# owners on this host that still hold something (index, owner, ...).
+_LUA_RECLAIM: Final = (
+    _LUA_COMMON
+    + """
+local now, host = tonumber(ARGV[1]), ARGV[2]
+local gone = 0
+for i = 1, #KEYS / 3 do gone = gone + expired(KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i], now) end
+for j = 3, #ARGV, 2 do
+  local k = tonumber(ARGV[j])
+  gone = gone + drop(KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k], ARGV[j+1])
+end
+local out = {gone}
+for i = 1, #KEYS / 3 do
+  for _, who in ipairs(redis.call('ZRANGE', KEYS[3*i], 0, -1)) do
+    if string.sub(who, 1, #host) == host then
+      out[#out+1] = i
+      out[#out+1] = who
+    end
+  end
+end
+return out
+"""
+)
+
+# The loop detector. KEYS: version, then (entries, cool-down) per loop key. ARGV: now, window_s, keep.
+# Returns the version, then per key: its cool-down ('' for none) and its entries in the window,
+# newest first (each "ts|detail"), as {cooldown, n, e1, ..., en}.
+_LUA_LOOP_READ: Final = """
+local now, window, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {redis.call('GET', KEYS[1]) or '0'}
+for i = 2, #KEYS, 2 do
+  out[#out+1] = redis.call('GET', KEYS[i+1]) or ''
+  local entries = {}
+  for _, e in ipairs(redis.call('LRANGE', KEYS[i], 0, keep - 1)) do
+    local bar = string.find(e, '|', 1, true)
+    if tonumber(string.sub(e, 1, bar - 1)) > now - window then entries[#entries+1] = e end
+  end
+  out[#out+1] = #entries
+  for _, e in ipairs(entries) do out[#out+1] = e end
+end
+return out
+"""
+
+# KEYS as for the read. ARGV: the version read, now, keep, record (0/1), keep-for ms, cool-down until,
+# cool-down ms, then per loop key: its detail, whether it is quarantined (0/1), the detail it is quarantined with.
+# Returns 0 when another process wrote since the read (nothing applied), else 1.
+_LUA_LOOP_WRITE: Final = """
+if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+local now, keep, record = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local keep_ms, until, until_ms = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+for i = 2, #KEYS, 2 do
+  local a = 8 + (i - 2) / 2 * 3
+  local detail, quarantined = ARGV[a], ARGV[a+1] == '1'
+  if record then
+    redis.call('LPUSH', KEYS[i], now .. '|' .. detail)
+    redis.call('LTRIM', KEYS[i], 0, keep - 1)
+    redis.call('PEXPIRE', KEYS[i], keep_ms)
+  end
+  if quarantined then
+    redis.call('SET', KEYS[i+1], until .. '|' .. ARGV[a+2], 'PX', math.max(until_ms, 1))
+  end
+end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], keep_ms + math.max(until_ms, 0) + 60000)
+return 1
+"""
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _pair(nusd: int) -> tuple[int, int]:
+    """Nano-dollars as (dollars, nanos)."""
+    return divmod(nusd, _B)
+
+
+def _nano_floor(usd: Decimal) -> int:
+    return int(usd.scaleb(9).to_integral_value(rounding=ROUND_FLOOR))
+
+
+def _period_text(start: float) -> str:
+    return str(int(start)) if start == int(start) else repr(start)
+
+
+_GRACE_S: Final = 3600  # a budget key outlives its period by this much (hosts' clocks differ)
+_LONGEST_S: Final = 32 * 86_400  # when the period is unknown: a month, the longest
+
+
+def _expire_at(claim: Claim) -> str:
+    """When the keys of ``claim``'s budget key and period may go (``""``: never, for "total")."""
+    if claim.period_start == 0.0 or claim.period == "total":
+        return ""
+    end: float
+    if claim.period in PERIODS:
+        ends = period_end(claim.period, datetime.fromtimestamp(claim.period_start, tz=UTC))
+        end = claim.period_start + _LONGEST_S if ends is None else ends.timestamp()
+    else:
+        end = claim.period_start + _LONGEST_S
+    # never in the past, even for a guard on an injected clock (EXPIREAT in the past deletes the key)
+    return str(int(max(end, time.time())) + _GRACE_S)
+
+
+def _money3(value: Decimal) -> tuple[int, int, int]:
+    """USD as (dollars, nanos, attos), exact to 1e-18 USD (finer amounts rounded up)."""
+    units = int(value.scaleb(18).to_integral_value(rounding=ROUND_CEILING))
+    dollars, rest = divmod(units, 10**18)
+    nanos, attos = divmod(rest, _B)
+    return dollars, nanos, attos
+
+
+def _unmoney3(dollars: int, nanos: int, attos: int) -> Decimal:
+    return Decimal(dollars) + Decimal(nanos).scaleb(-9) + Decimal(attos).scaleb(-18)
+
+
+_STAT_FIELDS: Final = (
+    "calls",
+    "cache_hits",
+    "retries",
+    "attempts",
+    "loops_blocked",
+    "budget_blocks",
+    "blocked",
+    "input_tokens",
+    "output_tokens",
+    "errors",
+    "incomplete",
+    "estimated_calls",
+    "unpriced_calls",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+def _row_counts(row: LedgerRow) -> dict[str, int]:
+    """What one row adds to the running totals (the fields of ``Stats.of``, money split exactly)."""
+    counts = {
+        "calls": 1,
+        "cache_hits": row.outcome == "cache_hit",
+        "retries": max(row.attempts - 1, 0),
+        "attempts": row.attempts,
+        "loops_blocked": row.outcome == "blocked" and row.error == "loop",
+        "budget_blocks": row.outcome == "blocked" and row.error == "budget",
+        "blocked": row.outcome == "blocked",
+        "input_tokens": row.usage.input_tokens,
+        "output_tokens": row.usage.output_tokens,
+        "errors": row.outcome == "error",
+        "incomplete": row.outcome == "incomplete",
+        "estimated_calls": row.estimated,
+        "unpriced_calls": row.cost_usd is None and row.outcome in ("ok", "incomplete"),
+        "cache_read_tokens": row.usage.cache_read_tokens,
+        "cache_write_tokens": row.usage.cache_write_tokens,
+        "reasoning_tokens": row.usage.reasoning_tokens,
+    }
+    out = {name: int(value) for name, value in counts.items() if value}
+    for name, money in (("spent", row.cost_usd), ("saved", row.saved_usd)):
+        if money:
+            for suffix, part in zip("dna", _money3(money), strict=True):
+                if part:
+                    out[f"{name}_{suffix}"] = part
+    return out
+
+
+def _stats_of(totals: dict[str, int]) -> Stats:
+    spent = _unmoney3(totals.get("spent_d", 0), totals.get("spent_n", 0), totals.get("spent_a", 0))
+    saved = _unmoney3(totals.get("saved_d", 0), totals.get("saved_n", 0), totals.get("saved_a", 0))
+    return Stats(spent_usd=spent, saved_usd=saved, **{name: totals.get(name, 0) for name in _STAT_FIELDS})
+
+
+def _row_json(row: LedgerRow) -> bytes:
+    u = row.usage
+    return json.dumps(
+        [
+            row.ts.timestamp(),
+            row.vendor,
+            row.endpoint,
+            row.model,
+            dict(row.scope),
+            [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens,
+                u.reasoning_tokens,
+            ],
+            None if row.cost_usd is None else format(row.cost_usd, "f"),
+            None if row.saved_usd is None else format(row.saved_usd, "f"),
+            row.estimated,
+            row.outcome,
+            row.error,
+            row.attempts,
+            row.latency_s,
+            row.stream,
+            row.request_id,
+        ],
+        separators=(",", ":"),
+    ).encode()
+
+
+def _row_of(data: bytes) -> LedgerRow:
+    r = json.loads(data)
+    return LedgerRow(
+        ts=datetime.fromtimestamp(r[0], tz=UTC),
+        vendor=r[1],
+        endpoint=r[2],
+        model=r[3],
+        scope=MappingProxyType(r[4]),
+        usage=Usage(*r[5]),
+        cost_usd=None if r[6] is None else Decimal(r[6]),
+        saved_usd=None if r[7] is None else Decimal(r[7]),
+        estimated=r[8],
+        outcome=r[9],
+        error=r[10],
+        attempts=r[11],
+        latency_s=r[12],
+        stream=r[13],
+        request_id=r[14],
+    )
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ConfigurationError(
+            "store", "redis://", "the Redis store needs redis-py: pip install 'tokenguard[redis]'"
+        ) from None
+    return redis
+
+
+def _option(options: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (low <= value <= high):
+        raise ConfigurationError(f"store ?{name}=", raw, f"must be a number from {low:g} to {high:g}")
+    return value
+
+
+def redis_client(url: str, *, timeout_s: float) -> Any:
+    """A redis-py client for ``url`` with bounded timeouts and one quick reconnect (no backoff)."""
+    redis = _import_redis()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            client_name="tokenguard",
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigurationError("store", redact(url), f"not a Redis URL redis-py understands: {err}") from None
+
+
+def split_url(url: str) -> tuple[str, dict[str, str]]:
+    """The Redis URL without tokenguard's own query options, and those options."""
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        (ours.__setitem__(name, value) if name in _OPTIONS else theirs.append((name, value)))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+class RedisStore(WriteBehind):
+    """The ledger, budgets, loop history and outcomes in Redis, shared by every process that
+    names the same server and prefix.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
+            ``unix:///path/redis.sock?db=0``, with tokenguard's options in the query string
+            (they override the keyword arguments): ``prefix``, ``on_failure``, ``timeout``,
+            ``rows``, ``days``, ``retry_s``. Other query options go to redis-py.
+        prefix: the namespace of every key (processes share state only under the same prefix).
+        on_failure: ``"closed"`` (refuse calls under a budget while Redis is unreachable) or
+            ``"open"`` (fall back to this process's memory, with an error in the log).
+        timeout_s: the connect and command timeout.
+        max_rows: the ledger stream's length (approximate: Redis trims whole nodes).
+        days: how long the per-day totals are kept.
+        retry_s: after a failure, Redis is not tried again for this long.
+        write_behind_s: ledger rows are written in batches this often (0: every row at once).
+    """
+
+    remote = True  # the async clients run its round trips off the event loop
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = "tokenguard",
+        on_failure: str = "closed",
+        timeout_s: float = 0.5,
+        max_rows: int = 1_000_000,
+        days: int = 400,
+        retry_s: float = 1.0,
+        write_behind_s: float = 0.05,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError("store", url, "a Redis store URL starts with redis://, rediss:// or unix://")
+        target, options = split_url(url)
+        self.url = redact(target)
+        prefix = options.get("prefix", prefix)
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}* \t\n"):
+            raise ConfigurationError("store ?prefix=", prefix, "must be a non-empty name without braces, * or spaces")
+        on_failure = options.get("on_failure", on_failure)
+        if on_failure not in ("closed", "open"):
+            raise ConfigurationError("store ?on_failure=", on_failure, 'must be "closed" or "open"')
+        self.prefix = prefix
+        self.on_failure = on_failure
+        self.timeout_s = _option(options, "timeout", timeout_s, 0.001, 60)
+        self.max_rows = int(_option(options, "rows", max_rows, 1000, 10**9))
+        self.days = int(_option(options, "days", days, 1, 100_000))
+        self.retry_s = _option(options, "retry_s", retry_s, 0, 3600)
+        self._client = redis_client(target, timeout_s=self.timeout_s)
+        self._redis = _import_redis()
+        self._scripts = {
+            name: self._client.register_script(lua)
+            for name, lua in (
+                ("reserve", _LUA_RESERVE),
+                ("settle", _LUA_SETTLE),
+                ("totals", _LUA_TOTALS),
+                ("reclaim", _LUA_RECLAIM),
+                ("loop_read", _LUA_LOOP_READ),
+                ("loop_write", _LUA_LOOP_WRITE),
+            )
+        }
+        self._state_lock = threading.Lock()
+        self._down_until = 0.0
+        self._down_since: float | None = None
+        self._last_error = ""
+        self._fallback: MemoryStore | None = None
+        self._local_claims: dict[int, Claim] = {}  # claims held by the fallback, by identity
+        self._owed: list[tuple[list[Claim], list[Claim]]] = []  # settles Redis missed while down
+        self._owner: tuple[str, int] | None = None
+        self._indexed: set[tuple[str, float]] = set()
+        self._touched: OrderedDict[tuple[str, float], None] = OrderedDict()
+        self._marked: set[tuple[str, float, float]] = set()
+        self._start_write_behind(write_behind_s)
+        try:
+            self._client.ping()
+        except self._redis.RedisError as err:
+            if self.on_failure == "closed":
+                self._client.close()
+                raise StoreUnavailable("store", self.url, f"cannot reach Redis: {err}") from None
+            with contextlib.suppress(StoreUnavailable):
+                self._call("connecting", self._client.ping)  # starts the outage: logged, fallback on
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._state_lock = threading.Lock()
+        self._client.connection_pool.reset()
+        self._fallback = None
+        self._local_claims = {}
+        self._owed = []
+        self._touched = OrderedDict()
+
+    # -- failure policy -----------------------------------------------------------------------
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _call(self, what: str, op: Callable[[], T]) -> T:
+        """Run ``op`` against Redis; a failure becomes ``StoreUnavailable`` and keeps Redis
+        untried for ``retry_s`` (calls fail fast meanwhile)."""
+        if self._down_until > time.monotonic():
+            raise StoreUnavailable(
+                "store", self.url, f"Redis is unreachable ({self._last_error}); {what} was not attempted"
+            )
+        try:
+            result = op()
+        except self._redis.RedisError as err:
+            if isinstance(err, self._redis.ConnectionError | self._redis.TimeoutError):
+                with self._state_lock:
+                    self._down_until = time.monotonic() + self.retry_s
+                    self._last_error = f"{type(err).__name__}: {err}"
+                    if self._down_since is None:
+                        self._down_since = time.time()
+                        self._outage_started()
+            raise StoreUnavailable("store", self.url, f"Redis failed during {what}: {err}") from err
+        if self._down_since is not None:
+            self._outage_ended()
+        return result
+
+    def _outage_started(self) -> None:
+        if self.on_failure == "open":
+            log.error(
+                "tokenguard: Redis at %s is unreachable (%s). on_failure=open: budgets and loop checks now "
+                "count THIS PROCESS ONLY, so fleet-wide caps are not enforced until Redis returns",
+                self.url,
+                self._last_error,
+            )
+        else:
+            log.error(
+                "tokenguard: Redis at %s is unreachable (%s). on_failure=closed: calls under a budget are "
+                "refused until it returns",
+                self.url,
+                self._last_error,
+            )
+
+    def _outage_ended(self) -> None:
+        with self._state_lock:
+            if self._down_since is None:
+                return
+            lasted = time.time() - self._down_since
+            self._down_since = None
+            owed, self._owed = self._owed, []
+            self._fallback = None
+        log.warning("tokenguard: Redis at %s is reachable again after %.1f s", self.url, lasted)
+        owner = self._owner
+        if owed and owner is not None:
+            try:
+                self._call("settling what the outage owed", lambda: self._settle_redis(owed, owner))
+            except StoreUnavailable:
+                with self._state_lock:
+                    self._owed[:0] = owed
+                return
+            log.warning("tokenguard: %d settle(s) made during the outage were added to Redis", len(owed))
+
+    def _local(self) -> MemoryStore:
+        with self._state_lock:
+            if self._fallback is None:
+                self._fallback = MemoryStore()
+            return self._fallback
+
+    @property
+    def degraded(self) -> bool:
+        """Whether Redis is currently treated as unreachable."""
+        return self._down_since is not None
+
+    # -- budgets ------------------------------------------------------------------------------
+
+    def _bkeys(self, key: str, period_start: float) -> tuple[str, str, str]:
+        tag = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:24]
+        base = self._k("b", "{" + tag + "}", _period_text(period_start))
+        return f"{base}:c", f"{base}:h", f"{base}:x"
+
+    def _index(self, claims: Sequence[Claim]) -> None:
+        """List new budget keys of a period (for ``budget_keys``): once per key and process."""
+        new = [c for c in claims if (c.key, c.period_start) not in self._indexed]
+        if not new:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for claim in new:
+            index = self._k("bk", _period_text(claim.period_start))
+            pipe.zadd(index, {claim.key: 0})
+            at = _expire_at(claim)
+            if at:
+                pipe.expireat(index, int(at))
+        pipe.execute()
+        if len(self._indexed) > 100_000:
+            self._indexed.clear()
+        self._indexed.update((c.key, c.period_start) for c in new)
+
+    def reserve(
+        self, claims: Sequence[Claim], *, owner: tuple[str, int], expires_at: float, now: float
+    ) -> Refusal | None:
+        """Hold every enforced claim if each fits, in one script (one round trip)."""
+        enforced = [c for c in claims if c.enforce]
+        if not enforced:
+            return None
+        self._owner = owner
+        try:
+            return self._call("a budget reservation", lambda: self._reserve_redis(enforced, owner, expires_at, now))
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+        refusal = self._local().reserve(enforced, owner=owner, expires_at=expires_at, now=now)
+        if refusal is None:
+            with self._state_lock:
+                for claim in enforced:
+                    self._local_claims[id(claim)] = claim
+        return refusal
+
+    def _reserve_redis(
+        self, claims: list[Claim], owner: tuple[str, int], expires_at: float, now: float
+    ) -> Refusal | None:
+        keys: list[str] = []
+        args: list[Any] = [f"{owner[0]}|{owner[1]}", repr(now), repr(expires_at)]
+        for claim in claims:
+            keys.extend(self._bkeys(claim.key, claim.period_start))
+            usd = _pair(to_nano(claim.usd))
+            limit = ("", "") if claim.limit_usd is None else _pair(_nano_floor(claim.limit_usd))
+            tokens_limit = "" if claim.limit_tokens is None else claim.limit_tokens
+            args.extend((usd[0], usd[1], claim.tokens, limit[0], limit[1], tokens_limit, _expire_at(claim)))
+            self._touch(claim)
+        # a script called directly (EVALSHA, loaded on NOSCRIPT): in a pipeline redis-py would
+        # ask SCRIPT EXISTS first, a second round trip per call
+        reply = self._scripts["reserve"](keys=keys, args=args)
+        if int(reply[0]) == 0:
+            self._index(claims)
+            return None
+        claim = claims[int(reply[0]) - 1]
+        sd, sn, hd, hn, st, ht = (int(v) for v in reply[1:7])
+        return Refusal(claim, Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht))
+
+    def _touch(self, claim: Claim) -> None:
+        ident = (claim.key, claim.period_start)
+        with self._state_lock:
+            self._touched[ident] = None
+            self._touched.move_to_end(ident)
+            while len(self._touched) > _TOUCHED:
+                self._touched.popitem(last=False)
+
+    def settle(
+        self,
+        batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]],
+        *,
+        owner: tuple[str, int],
+        now: float,
+    ) -> list[Fired]:
+        """Release the holds and add the actual amounts (one script for the whole batch); a
+        threshold newly reached fires once across the fleet."""
+        self._owner = owner
+        remote: list[tuple[list[Claim], list[Claim]]] = []
+        local: list[tuple[list[Claim], list[Claim]]] = []
+        with self._state_lock:
+            for held, actual in batch:
+                there: list[Claim] = []
+                here: list[Claim] = []
+                for claim in held:  # a hold taken while Redis was down is the fallback's to release
+                    (here if self._local_claims.pop(id(claim), None) is not None else there).append(claim)
+                remote.append((there, list(actual)))
+                if here:
+                    local.append((here, []))
+        fired: list[Fired] = []
+        if local and self._fallback is not None:
+            self._fallback.settle(local, owner=owner, now=now)
+        try:
+            fired = self._call("settling the budgets", lambda: self._settle_redis(remote, owner))
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+            with self._state_lock:
+                self._owed.extend(remote)
+            # meanwhile this process counts its own spend, so its caps still hold for it
+            fired = self._local().settle([([], actual) for _, actual in remote], owner=owner, now=now)
+        return fired
+
+    def _settle_redis(
+        self, batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]], owner: tuple[str, int]
+    ) -> list[Fired]:
+        slots: dict[tuple[str, float], int] = {}
+        keys: list[str] = []
+        args: list[Any] = [f"{owner[0]}|{owner[1]}"]
+        adds: list[Claim] = []
+        if not any(held or actual for held, actual in batch):
+            return []
+
+        def slot(claim: Claim) -> int:
+            ident = (claim.key, claim.period_start)
+            if ident not in slots:
+                keys.extend(self._bkeys(*ident))
+                slots[ident] = len(slots) + 1
+            return slots[ident]
+
+        for held, actual in batch:
+            for claim in held:
+                d, n = _pair(to_nano(claim.usd))
+                args.extend(("r", slot(claim), d, n, claim.tokens, ""))
+            for claim in actual:
+                d, n = _pair(to_nano(claim.usd))
+                args.extend(("a", slot(claim), d, n, claim.tokens, _expire_at(claim)))
+                adds.append(claim)
+        reply = self._scripts["settle"](keys=keys, args=args)
+        self._index(adds)
+        candidates: list[tuple[Claim, float, Decimal, int]] = []
+        for i, claim in enumerate(adds):
+            usd = from_nano(int(reply[3 * i]) * _B + int(reply[3 * i + 1]))
+            tokens = int(reply[3 * i + 2])
+            for threshold in crossed(claim, usd, tokens):
+                if (claim.key, claim.period_start, threshold) not in self._marked:
+                    candidates.append((claim, threshold, usd, tokens))
+        if not candidates:
+            return []
+        # each threshold fires once across the fleet: the first SET NX wins
+        pipe = self._client.pipeline(transaction=False)
+        for claim, threshold, _, _ in candidates:
+            self._alert_key(pipe, claim, threshold)
+        won = pipe.execute()
+        fired: list[Fired] = []
+        seen: set[tuple[str, float, float]] = set()
+        for (claim, threshold, usd, tokens), first in zip(candidates, won, strict=True):
+            marker = (claim.key, claim.period_start, threshold)
+            self._remember_marked(marker)
+            if first and marker not in seen:
+                seen.add(marker)
+                fired.append(Fired(claim.key, claim.period_start, threshold, usd, tokens))
+        return fired
+
+    def _alert_key(self, pipe: Any, claim: Claim, threshold: float) -> None:
+        name = self._bkeys(claim.key, claim.period_start)[0][: -len(":c")] + f":a:{threshold!r}"
+        at = _expire_at(claim)
+        if at:
+            pipe.set(name, 1, nx=True, exat=int(at))
+        else:
+            pipe.set(name, 1, nx=True)
+
+    def _remember_marked(self, marker: tuple[str, float, float]) -> None:
+        if len(self._marked) > 100_000:
+            self._marked.clear()
+        self._marked.add(marker)
+
+    def totals(self, key: str, period_start: float, *, now: float) -> Totals:
+        """Settled and held amounts of one key (lapsed holds dropped first)."""
+
+        def op() -> Totals:
+            sd, sn, hd, hn, st, ht = (
+                int(v) for v in self._scripts["totals"](keys=self._bkeys(key, period_start), args=[repr(now)])
+            )
+            return Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht)
+
+        try:
+            return self._call("reading a budget", op)
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+            return self._local().totals(key, period_start, now=now)
+
+    def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
+        """Record that an alert fired; ``True`` only the first time, across the fleet (``SET NX``)."""
+
+        def op() -> bool:
+            pipe = self._client.pipeline(transaction=False)
+            self._alert_key(pipe, Claim(key, period_start, Decimal(0), 0, None, None, True), threshold)
+            return bool(pipe.execute()[0])
+
+        try:
+            return self._call("marking an alert", op)
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+            return self._local().mark_alert(key, period_start, threshold)
+
+    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
+        """Drop lapsed holds, and the holds of processes on ``host`` that are gone, of the
+        budget keys this process used lately (the keys a refusal here can be about)."""
+        with self._state_lock:
+            touched = list(self._touched)
+        if not touched:
+            return 0
+
+        def op() -> int:
+            keys = [k for ident in touched for k in self._bkeys(*ident)]
+            reply = self._scripts["reclaim"](keys=keys, args=[repr(now), f"{host}|"])
+            dropped = int(reply[0])
+            dead: list[Any] = []
+            for i in range(1, len(reply), 2):
+                who = reply[i + 1].decode()
+                pid = who.rpartition("|")[2]
+                if pid.isdigit() and not alive(int(pid)):
+                    dead.extend((int(reply[i]), who))
+            if dead:
+                dropped += int(self._scripts["reclaim"](keys=keys, args=[repr(now), "\x00", *dead])[0])
+            return dropped
+
+        try:
+            return self._call("reclaiming holds", op)
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+            return self._local().reclaim(now=now, host=host, alive=alive)
+
+    def budget_keys(self, prefix: str, period_start: float) -> list[str]:
+        """The budget keys starting with ``prefix`` that were used in the period."""
+        index = self._k("bk", _period_text(period_start))
+
+        def op() -> list[str]:
+            found: list[str] = []
+            start = "[" + prefix
+            while True:
+                batch = self._client.zrangebylex(index, start, "+", start=0, num=1000)
+                for raw in batch:
+                    key = raw.decode()
+                    if not key.startswith(prefix):
+                        return found
+                    found.append(key)
+                if len(batch) < 1000:
+                    return found
+                start = "(" + batch[-1].decode()
+
+        return self._call("listing budget keys", op)
+
+    # -- the loop detector --------------------------------------------------------------------
+
+    def loop_observe(
+        self,
+        keys: Sequence[str],
+        details: Sequence[str],
+        *,
+        now: float,
+        window_s: float,
+        keep: int,
+        decide: Callable[[list[list[tuple[float, str]]], list[tuple[float, str]]], Decision],
+        group: str = "",
+    ) -> Decision:
+        """See ``tokenguard._loops.LoopStore``: atomic across the fleet by compare-and-set on
+        the scope's version (``group`` is the scope's digest, the hash tag of its keys)."""
+        tag = "{" + (group or "all") + "}"
+        names = [self._k("l", tag, "v")]
+        for key in keys:
+            names.extend((self._k("l", tag, "e", key), self._k("l", tag, "q", key)))
+
+        def op() -> Decision:
+            for _ in range(_LOOP_TRIES):
+                reply = self._scripts["loop_read"](keys=names, args=[repr(now), repr(window_s), keep])
+                version = reply[0]
+                histories: list[list[tuple[float, str]]] = []
+                blocks: list[tuple[float, str]] = []
+                i = 1
+                for _key in keys:
+                    block = reply[i].decode()
+                    count = int(reply[i + 1])
+                    entries = [e.decode().split("|", 1) for e in reply[i + 2 : i + 2 + count]]
+                    histories.append([(float(ts), detail) for ts, detail in reversed(entries)])
+                    until, _, detail = block.partition("|")
+                    blocks.append((float(until), detail) if until else (0.0, ""))
+                    i += 2 + count
+                decision = decide(histories, blocks)
+                quarantined = dict(decision.quarantine)
+                args: list[Any] = [
+                    version,
+                    repr(now),
+                    keep,
+                    int(decision.record),
+                    max(int(window_s * 1000), 1),
+                    repr(decision.until),
+                    int((decision.until - now) * 1000),
+                ]
+                for key, detail in zip(keys, details, strict=True):
+                    args.extend((detail, int(key in quarantined), quarantined.get(key, "")))
+                if int(self._scripts["loop_write"](keys=names, args=args)):
+                    return decision
+            raise StoreUnavailable("store", self.url, "the loop history kept changing under this check")
+
+        try:
+            return self._call("a loop check", op)
+        except StoreUnavailable:
+            if self.on_failure == "closed":
+                raise
+            return self._local().loop_observe(keys, details, now=now, window_s=window_s, keep=keep, decide=decide)
+
+    # -- the ledger ---------------------------------------------------------------------------
+
+    def _buckets(self, ts: datetime, now: float) -> list[tuple[str, int | None]]:
+        """The running-total buckets a row at ``ts`` adds to, with when each expires."""
+        hour = ts.replace(minute=0, second=0, microsecond=0)
+        day = hour.replace(hour=0)
+        out: list[tuple[str, int | None]] = [("t:all", None)]
+        hour_ends = (hour + timedelta(hours=1)).timestamp() + _HOUR_KEEP_S
+        if hour_ends > now:
+            out.append((f"h:{hour:%Y%m%d%H}", int(hour_ends)))
+        day_ends = (day + timedelta(days=1)).timestamp() + self.days * 86_400
+        if day_ends > now:
+            out.append((f"d:{day:%Y%m%d}", int(day_ends)))
+        return out
+
+    def _commit(self, rows: list[LedgerRow]) -> None:
+        now = time.time()
+        totals: dict[str, dict[str, int]] = {}
+        expiry: dict[str, int | None] = {}
+        for row in rows:
+            counts = _row_counts(row)
+            facets = ["*", *(f"{k}={v}" for k, v in row.scope.items())]
+            for bucket, at in self._buckets(row.ts, now):
+                for facet in facets:
+                    name = self._k("s", bucket, facet)
+                    expiry[name] = at
+                    acc = totals.setdefault(name, {})
+                    for field, value in counts.items():
+                        acc[field] = acc.get(field, 0) + value
+
+        def op() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            stream = self._k("rows")
+            for row in rows:
+                pipe.xadd(stream, {"r": _row_json(row)}, maxlen=self.max_rows, approximate=True)
+            for name, acc in totals.items():
+                for field, value in acc.items():
+                    pipe.hincrby(name, field, value)
+                at = expiry[name]
+                if at is not None:
+                    pipe.expireat(name, at)
+            pipe.execute()
+
+        self._call("writing the ledger", op)
+
+    def _read(self, what: str, op: Callable[[], T]) -> T:
+        self.flush()
+        return self._call(what, op)
+
+    def _stream(self, stream: str, since: datetime | None) -> Iterator[bytes]:
+        """The payloads of a stream from about ``since`` on (by entry id, with room for clock skew)."""
+        start = "-" if since is None else f"{max(int((since.timestamp() - _SKEW_S) * 1000), 0)}-0"
+        while True:
+            batch = self._client.xrange(stream, min=start, max="+", count=_ROWS_BATCH)
+            for _, fields in batch:
+                yield fields[b"r"]
+            if len(batch) < _ROWS_BATCH:
+                return
+            start = "(" + batch[-1][0].decode()
+
+    def rows(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[LedgerRow]:
+        """The matching rows the stream still holds (the last ``max_rows``), oldest first."""
+
+        def op() -> list[LedgerRow]:
+            found = []
+            for data in self._stream(self._k("rows"), since):
+                row = _row_of(data)
+                if since is not None and row.ts < since:
+                    continue
+                if until is not None and row.ts >= until:
+                    continue
+                if scope and not matches_scope(row.scope, scope):
+                    continue
+                found.append(row)
+            found.sort(key=lambda r: r.ts)
+            return found
+
+        yield from self._read("reading the ledger", op)
+
+    def retention(self) -> tuple[int, datetime | None]:
+        """How many rows the stream holds, and the time of the oldest (``None`` when empty)."""
+
+        def op() -> tuple[int, datetime | None]:
+            length = int(self._client.xlen(self._k("rows")))
+            first = self._client.xrange(self._k("rows"), count=1)
+            return length, (_row_of(first[0][1][b"r"]).ts if first else None)
+
+        return self._read("reading the ledger", op)
+
+    def _covers(self, since: datetime | None) -> bool:
+        """Whether the stream still holds every row since ``since``."""
+        stream = self._k("rows")
+        if not self._client.exists(stream):
+            return True
+        info = self._client.xinfo_stream(stream)
+        if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
+            return True  # never trimmed
+        first = info.get("first-entry")
+        return since is not None and first is not None and _row_of(first[1][b"r"]).ts <= since
+
+    def _facet_keys(self, since: datetime | None, scope: Mapping[str, str]) -> list[str] | None:
+        """The running totals that add up to the rows since ``since`` matching ``scope``, or
+        ``None`` when they cannot (several attributes; a start that is not a whole hour or
+        day; a start older than the totals are kept)."""
+        if len(scope) > 1:
+            return None
+        facet = "*" if not scope else "{}={}".format(*next(iter(scope.items())))
+        if since is None:
+            return [self._k("s", "t:all", facet)]
+        since = since.astimezone(UTC)
+        now = datetime.now(UTC)
+        if since.minute or since.second or since.microsecond:
+            return None
+        keys: list[str] = []
+        day = since.replace(hour=0)
+        if since.hour:
+            if since.timestamp() < now.timestamp() - _HOUR_KEEP_S + 3600:
+                return None
+            keys.extend(self._k("s", f"h:{since.replace(hour=h):%Y%m%d%H}", facet) for h in range(since.hour, 24))
+            day += timedelta(days=1)
+        elif since.timestamp() < now.timestamp() - self.days * 86_400:
+            return None
+        last = now + timedelta(days=2)  # rows stamped by a host whose clock runs ahead
+        while day <= last:
+            keys.append(self._k("s", f"d:{day:%Y%m%d}", facet))
+            day += timedelta(days=1)
+        return keys
+
+    def _aggregate(self, since: datetime | None, scope: Mapping[str, str]) -> Stats:
+        keys = self._facet_keys(since, scope)
+
+        def op() -> Stats:
+            if keys is None:
+                if not self._covers(since):
+                    raise ConfigurationError(
+                        "scope",
+                        dict(scope),
+                        f"the Redis ledger keeps totals by one scope attribute and whole hours/days; this query "
+                        f"needs single rows, and its stream (the last {self.max_rows:,} rows) no longer holds all "
+                        f"of them since {since}. Filter on one attribute, or raise ?rows=",
+                    )
+                found = []
+                for data in self._stream(self._k("rows"), since):
+                    row = _row_of(data)
+                    if (since is None or row.ts >= since) and matches_scope(row.scope, scope):
+                        found.append(row)
+                return Stats.of(found)
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            acc: dict[str, int] = {}
+            for fields in pipe.execute():
+                for field, value in fields.items():
+                    name = field.decode()
+                    acc[name] = acc.get(name, 0) + int(value)
+            return _stats_of(acc)
+
+        return self._read("reading the ledger totals", op)
+
+    def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
+        """Settled USD of the matching rows (exact)."""
+        return self._aggregate(since, scope).spent_usd
+
+    def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
+        """Totals of the matching rows."""
+        return self._aggregate(since, scope)
+
+    def record_outcome(self, row: OutcomeRow) -> None:
+        """Keep one outcome (in a capped stream of its own)."""
+        data = json.dumps([row.ts.timestamp(), row.name, dict(row.scope), row.count], separators=(",", ":"))
+        self._call(
+            "recording an outcome",
+            lambda: self._client.xadd(self._k("outcomes"), {"r": data}, maxlen=self.max_rows, approximate=True),
+        )
+
+    def outcomes(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[OutcomeRow]:
+        """The matching outcomes the stream still holds, oldest first."""
+
+        def op() -> list[OutcomeRow]:
+            found = []
+            for data in self._stream(self._k("outcomes"), since):
+                ts, name, row_scope, count = json.loads(data)
+                row = OutcomeRow(datetime.fromtimestamp(ts, tz=UTC), name, MappingProxyType(row_scope), int(count))
+                in_time = (since is None or row.ts >= since) and (until is None or row.ts < until)
+                if in_time and (not scope or matches_scope(row.scope, scope)):
+                    found.append(row)
+            found.sort(key=lambda r: r.ts)
+            return found
+
+        yield from self._call("reading outcomes", op)
+
+    def close(self) -> None:
+        """Write queued rows and close the connections."""
+        try:
+            self._stop_writer()
+        finally:
+            self._client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, on_failure={self.on_failure!r})"
