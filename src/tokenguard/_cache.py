@@ -36,6 +36,7 @@ import platformdirs
 
 from ._errors import ConfigurationError
 from ._usage import Usage
+from .stores._url import redact
 
 __all__ = ["Cache", "CacheControl", "CacheEntry", "cache_control", "cache_key", "current_cache_control"]
 
@@ -52,6 +53,7 @@ _SEMANTIC_HEADERS: Final = ("anthropic-beta", "anthropic-version", "openai-beta"
 # the decoded entries a Cache keeps in memory (each checked against the stored bytes on a hit)
 _DECODED_ENTRIES: Final = 256
 _DECODED_BYTES: Final = 32 * 1024 * 1024
+_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +229,8 @@ class CacheEntry:
 
 
 class _Backend(Protocol):
+    remote: bool  # its round trips leave the process (the async clients make them off the event loop)
+
     def get(self, key: str) -> bytes | None: ...
 
     def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
@@ -237,9 +241,15 @@ class _Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def usage(self) -> tuple[int, int]:
+        """Entries and bytes stored."""
+        ...
+
 
 class _MemoryBackend:
     """A bounded, thread-safe LRU of byte values with a TTL each."""
+
+    remote = False
 
     def __init__(self, max_bytes: int, clock: Callable[[], float]) -> None:
         self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
@@ -285,6 +295,10 @@ class _MemoryBackend:
     def close(self) -> None:
         self.clear()
 
+    def usage(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._data), self._bytes
+
 
 class _JSONOnlyDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache ships no type hints
     """diskcache storage that refuses pickle both ways: str keys and bytes values only, and a
@@ -319,6 +333,8 @@ class _DiskBackend:
     readers across processes.
     """
 
+    remote = False
+
     def __init__(self, path: Path, max_bytes: int) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._cache = diskcache.Cache(
@@ -341,6 +357,83 @@ class _DiskBackend:
     def close(self) -> None:
         self._cache.close()
 
+    def usage(self) -> tuple[int, int]:
+        return len(self._cache), int(self._cache.volume())
+
+
+class _RedisBackend:
+    """Entries in Redis under ``<prefix>:c:``, shared by every process that uses the same URL.
+
+    Values are the same JSON bytes as on disk (never pickle). Redis bounds the size itself:
+    give it a ``maxmemory`` and an eviction policy (``volatile-lru`` evicts only entries
+    with a TTL, which every cache entry has). Every command has a timeout (``?timeout=``,
+    default 0.25 s); after a failure Redis is skipped for a second, so a dead Redis makes
+    calls uncached, not slow.
+    """
+
+    remote = True
+
+    def __init__(self, url: str) -> None:
+        from .stores.redis_store import redis_client, split_url
+
+        target, options = split_url(url)
+        prefix = options.get("prefix", "tokenguard")
+        try:
+            timeout_s = float(options.get("timeout", "0.25"))
+        except ValueError:
+            raise ConfigurationError("Cache.backend ?timeout=", options["timeout"], "must be seconds") from None
+        self._prefix = f"{prefix}:c:"
+        self._client = redis_client(target, timeout_s=timeout_s)
+        import redis
+
+        self._errors: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+        self._down_until = 0.0
+
+    def _run(self, op: Callable[[], Any], default: Any) -> Any:
+        if self._down_until > time.monotonic():
+            return default
+        try:
+            return op()
+        except self._errors:
+            self._down_until = time.monotonic() + 1.0
+            raise
+
+    def get(self, key: str) -> bytes | None:
+        value = self._run(lambda: self._client.get(self._prefix + key), None)
+        return value if isinstance(value, bytes) else None
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._run(lambda: self._client.set(self._prefix + key, value, px=max(int(ttl_s * 1000), 1)), None)
+
+    def delete(self, key: str) -> None:
+        self._run(lambda: self._client.delete(self._prefix + key), None)
+
+    def _keys(self) -> Iterator[bytes]:
+        yield from self._client.scan_iter(match=self._prefix + "*", count=1000)
+
+    def clear(self) -> None:
+        batch: list[bytes] = []
+        for name in self._keys():
+            batch.append(name)
+            if len(batch) >= 1000:
+                self._client.unlink(*batch)
+                batch = []
+        if batch:
+            self._client.unlink(*batch)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def usage(self) -> tuple[int, int]:
+        entries = size = 0
+        pipe = self._client.pipeline(transaction=False)
+        for name in self._keys():
+            pipe.strlen(name)
+            entries += 1
+        for length in pipe.execute():
+            size += int(length)
+        return entries, size
+
 
 class Cache:
     """The response cache: identical requests are answered from the cache, at $0.
@@ -348,7 +441,8 @@ class Cache:
     Args:
         backend: ``"disk"`` (default: diskcache in the user cache directory, shared by
             processes), ``"memory"`` (a bounded LRU in this process), or a ``"redis://"``
-            URL (not in this release).
+            URL (shared by a fleet; ``?prefix=`` and ``?timeout=`` in its query string;
+            Redis's ``maxmemory`` bounds its size, not ``max_size_mb``).
         path: the disk cache's directory.
         ttl_s: how long an entry is served.
         max_size_mb: the cache's total size bound (least recently used entries go first).
@@ -373,14 +467,13 @@ class Cache:
         share_across_keys: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if backend not in ("disk", "memory") and not str(backend).startswith(("redis://", "rediss://")):
+        remote = isinstance(backend, str) and backend.startswith(_REDIS_SCHEMES)
+        if backend not in ("disk", "memory") and not remote:
             raise ConfigurationError("Cache.backend", backend, 'use "disk", "memory" or a redis:// URL')
-        if str(backend).startswith(("redis://", "rediss://")):
-            raise ConfigurationError("Cache.backend", "redis://***", "the Redis cache is not in this release yet")
         for name, value in (("ttl_s", ttl_s), ("max_size_mb", max_size_mb), ("max_entry_kb", max_entry_kb)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"Cache.{name}", value, "must be a positive number")
-        self.backend_name = backend
+        self.backend_name = redact(backend) if remote else backend
         self.ttl_s = float(ttl_s)
         self.max_entry_bytes = int(max_entry_kb * 1024)
         self.max_size_mb = float(max_size_mb)
@@ -390,9 +483,11 @@ class Cache:
         self._warned: set[str] = set()
         max_bytes = int(max_size_mb * 1024 * 1024)
         self._store: _Backend | None
+        self.path: Path | None = None
         if backend == "memory":
             self._store = _MemoryBackend(max_bytes, clock)
-            self.path: Path | None = None
+        elif remote:
+            self._store = _RedisBackend(backend)
         else:
             self.path = Path(path).expanduser() if path else platformdirs.user_cache_path("tokenguard") / "responses"
             try:
@@ -495,6 +590,15 @@ class Cache:
                 self._store.set(key, data, self.ttl_s if ttl_s is None else ttl_s)
         except Exception as err:
             self._warn(f"a function result could not be stored in the cache: {err}")
+
+    @property
+    def remote(self) -> bool:
+        """Whether the entries live outside this process's memory and disk (Redis)."""
+        return self._store is not None and self._store.remote
+
+    def usage(self) -> tuple[int, int]:
+        """Entries and bytes stored (``(0, 0)`` when the cache could not be opened)."""
+        return (0, 0) if self._store is None else self._store.usage()
 
     def clear(self) -> None:
         """Drop every entry."""

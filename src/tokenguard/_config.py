@@ -80,13 +80,15 @@ def _text(text: Any) -> str:
 
 
 def _cache_switch(text: Any) -> bool | str:
-    """``cache``: true/false, or a backend name."""
+    """``cache``: true/false, a backend name, or a Redis URL."""
     if isinstance(text, str) and text.strip().lower() in ("memory", "disk"):
         return text.strip().lower()
+    if isinstance(text, str) and text.strip().startswith(("redis://", "rediss://", "unix://")):
+        return text.strip()
     try:
         return _bool(text)
     except ValueError:
-        raise ValueError("must be true, false, memory or disk") from None
+        raise ValueError("must be true, false, memory, disk or a redis:// URL") from None
 
 
 def _budgets(value: Any) -> list[dict[str, Any]]:
@@ -120,7 +122,7 @@ KEYS: Final = {
     for k in (
         Key("store", _text, None, "ledger store URL (sqlite:///..., memory://); default: the user data dir"),
         Key("require_prices", _bool, False, "refuse calls to models with no known price"),
-        Key("cache", _cache_switch, False, "response cache: true (disk), memory, disk, or false"),
+        Key("cache", _cache_switch, False, "response cache: true (disk), memory, disk, a redis:// URL, or false"),
         Key("cache.path", _text, None, "disk cache directory; default: the user cache dir"),
         Key("cache.ttl_s", _number, 86_400.0, "seconds an answer is served from the cache"),
         Key("cache.max_size_mb", _number, 512.0, "the cache's size bound"),

@@ -360,6 +360,9 @@ def _open_cache(path: Path | None) -> Any:
     from ._config import load_config
 
     config = load_config()
+    configured = config["cache"]
+    if path is None and isinstance(configured, str) and configured not in ("disk", "memory"):
+        return Cache(configured)  # the shared cache on Redis
     directory = path or config["cache.path"]
     return Cache("disk", path=directory, max_size_mb=config["cache.max_size_mb"])
 
@@ -371,16 +374,18 @@ def _open_cache(path: Path | None) -> Any:
 def cache_stats(path: Path | None, store: str | None) -> None:
     """Entries and size on disk, and the hits and savings the ledger recorded."""
     opened = _open_cache(path)
-    backend: Any = opened._store
-    entries = len(backend._cache) if backend is not None else 0
-    size = backend._cache.volume() if backend is not None else 0
+    entries, size = opened.usage()
     ledger = _open_store(store, must_exist=True)
     stats = ledger.stats(since=None, scope={})
     ledger.close()
     answered = stats.calls - stats.blocked - stats.errors
     console = Console()
-    console.print(f"cache directory  {opened.path}")
-    console.print(f"entries          {entries:,}  ({size / 1_048_576:.1f} MB of {opened.max_size_mb:g} MB at most)")
+    if opened.remote:
+        console.print(f"cache            {opened.backend_name} (shared; Redis's maxmemory bounds it)")
+        console.print(f"entries          {entries:,}  ({size / 1_048_576:.1f} MB)")
+    else:
+        console.print(f"cache directory  {opened.path}")
+        console.print(f"entries          {entries:,}  ({size / 1_048_576:.1f} MB of {opened.max_size_mb:g} MB at most)")
     console.print(f"hits             {stats.cache_hits:,} of {answered:,} answers ({stats.cache_hit_rate:.0%})")
     console.print(f"saved            {_usd(stats.saved_usd)}")
     opened.close()
@@ -393,10 +398,11 @@ def cache_stats(path: Path | None, store: str | None) -> None:
 def cache_clear(path: Path | None, yes: bool) -> None:
     """Drop every cached answer (the ledger keeps its rows)."""
     opened = _open_cache(path)
+    where = opened.backend_name if opened.remote else opened.path
     if not yes:
-        click.confirm(f"Drop every entry in {opened.path}?", abort=True)
+        click.confirm(f"Drop every entry in {where}?", abort=True)
     opened.clear()
-    click.echo(f"cleared {opened.path}")
+    click.echo(f"cleared {where}")
     opened.close()
 
 

@@ -317,7 +317,11 @@ def _money3(value: Decimal) -> tuple[int, int, int]:
 
 
 def _unmoney3(dollars: int, nanos: int, attos: int) -> Decimal:
-    return Decimal(dollars) + Decimal(nanos).scaleb(-9) + Decimal(attos).scaleb(-18)
+    value = Decimal(dollars * 10**18 + nanos * _B + attos).scaleb(-18)
+    if not value:
+        return Decimal(0)
+    value = value.normalize()  # 0.000004350000000000 -> 0.00000435
+    return value.quantize(Decimal(1)) if value.as_tuple().exponent > 0 else value  # type: ignore[operator]
 
 
 _STAT_FIELDS: Final = (
