@@ -352,7 +352,7 @@ def test_disk_cache_is_shared_by_two_cache_objects_on_one_directory(fake: FakeLL
     ("kw", "error_name"),
     [
         ({"backend": "nosql"}, "Cache.backend"),
-        ({"backend": "redis://localhost:6379/0"}, "Cache.backend"),
+        ({"backend": "redis://localhost:6379/0?timeout=soon"}, "Cache.backend ?timeout="),
         ({"backend": "memory", "ttl_s": 0}, "Cache.ttl_s"),
         ({"backend": "memory", "max_entry_kb": -1}, "Cache.max_entry_kb"),
         ({"backend": "memory", "max_size_mb": True}, "Cache.max_size_mb"),
