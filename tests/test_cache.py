@@ -352,7 +352,7 @@ def test_disk_cache_is_shared_by_two_cache_objects_on_one_directory(fake: FakeLL
     ("kw", "error_name"),
     [
         ({"backend": "nosql"}, "Cache.backend"),
-        ({"backend": "redis://localhost:6379/0?timeout=soon"}, "Cache.backend ?timeout="),
+        ({"backend": "redis://localhost:6379/0?timeout=soon"}, "Cache.backend"),
         ({"backend": "memory", "ttl_s": 0}, "Cache.ttl_s"),
         ({"backend": "memory", "max_entry_kb": -1}, "Cache.max_entry_kb"),
         ({"backend": "memory", "max_size_mb": True}, "Cache.max_size_mb"),
@@ -371,10 +371,11 @@ def test_guard_rejects_a_non_cache_value() -> None:
 
 
 def test_redis_url_error_does_not_echo_credentials() -> None:
-    """The Redis-not-yet error does not repeat a password from the URL."""
+    """Neither an error about a Redis cache URL nor the cache's repr repeats a password from it."""
     with pytest.raises(tokenguard.ConfigurationError) as info:
-        tokenguard.Cache("redis://user:hunter2@localhost:6379/0")
+        tokenguard.Cache("redis://user:hunter2@localhost:6379/0?timeout=soon")
     assert "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(tokenguard.Cache("redis://user:hunter2@localhost:6379/0"))
 
 
 # -- 2. the key --------------------------------------------------------------------------------------
