@@ -336,7 +336,10 @@ class _AsyncGuarded(_GuardedBase):
         """Run one logical call through the guard (the SDK awaits this for every request)."""
         pipeline = self.guard.pipeline
         context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
-        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
+        begin = functools.partial(
+            pipeline.begin, self._tg_adapter, options.method, options.url, _body(options), stream, context
+        )
+        call = await asyncio.to_thread(begin) if pipeline.remote else begin()
         parent = super()
         retrier = pipeline.retrier
         if call is None:  # costs nothing: retried, not accounted
@@ -352,7 +355,10 @@ class _AsyncGuarded(_GuardedBase):
             )
         while call.waiting is not None:  # an identical call is in flight: its answer will be ours
             landed = await asyncio.to_thread(call.waiting.wait, _FLIGHT_WAIT_S)
-            call = pipeline.resume(call, gave_up=not landed)
+            if pipeline.remote:
+                call = await asyncio.to_thread(pipeline.resume, call, gave_up=not landed)
+            else:
+                call = pipeline.resume(call, gave_up=not landed)
         if call.cache_entry is not None:
             response = self._tg_replay_response(call, options)
             return await parent._process_response(  # type: ignore[attr-defined]

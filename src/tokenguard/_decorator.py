@@ -22,6 +22,7 @@ Per call of the decorated function (sync or async, function or method):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
@@ -234,8 +235,12 @@ def _wrap(fn: Callable[..., Any], spec: _Spec) -> Callable[..., Any]:
         async def run_async(*args: Any, **kwargs: Any) -> Any:
             run = _Run(spec, args, kwargs)
             with scope(**run.scope):
-                run.check_loops()
-                hit, value = run.cached()
+                if run.guard.pipeline.remote:  # round trips to Redis: off the event loop
+                    await asyncio.to_thread(run.check_loops)
+                    hit, value = await asyncio.to_thread(run.cached)
+                else:
+                    run.check_loops()
+                    hit, value = run.cached()
                 if hit:
                     run.record_outcome(value)
                     return value

@@ -131,7 +131,8 @@ def install(client: Any, resource: Any, name: str, endpoint: str, *, is_async: b
         @functools.wraps(method)
         async def create_async(*args: Any, **kwargs: Any) -> Any:
             pipeline = client.guard.pipeline
-            fingerprint = hot.fingerprint(client, pipeline, name, endpoint, args, kwargs)
+            # a remote cache's lookup is a round trip: the ordinary path makes it off the event loop
+            fingerprint = None if pipeline.remote else hot.fingerprint(client, pipeline, name, endpoint, args, kwargs)
             if fingerprint is None:
                 return await method(*args, **kwargs)
             answer = hot.answer(pipeline, fingerprint)

@@ -130,6 +130,9 @@ class Pipeline:
         self.retrier = retrier
         self.loops = loops
         self.telemetry = telemetry
+        # state in another process (Redis): the async clients make its round trips in a worker
+        # thread, so that a slow or distant Redis never blocks their event loop
+        self.remote = bool(getattr(store, "remote", False)) or bool(cache is not None and cache.remote)
         self.default_max_output_tokens = default_max_output_tokens
         self._now = wall_clock
         self._unsaved: list[LedgerRow] = []
