@@ -1173,13 +1173,20 @@ class SlowDecisions:
         return self.store.loop_observe(keys, details, decide=slow, **kw)
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "redis"])
 def test_threads_sending_the_same_request_at_once_let_exactly_max_repeats_through(
-    make: Callable[..., Guard], tmp_path: Path, store_kind: str, monkeypatch: pytest.MonkeyPatch
+    make: Callable[..., Guard],
+    tmp_path: Path,
+    store_kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """8 threads, one guard, the same request at the same moment: exactly 3 are sent, even when
-    each decision takes a few milliseconds."""
-    store = "memory://" if store_kind == "memory" else f"sqlite:///{tmp_path / 'ledger.db'}"
+    each decision takes a few milliseconds (on Redis: compare-and-set retries the losers)."""
+    if store_kind == "redis":
+        store = request.getfixturevalue("redis_url")
+    else:
+        store = "memory://" if store_kind == "memory" else f"sqlite:///{tmp_path / 'ledger.db'}"
     g = make(store=store)
     book = g.pipeline.loops
     assert book is not None

@@ -255,7 +255,7 @@ return out
 _LUA_LOOP_WRITE: Final = """
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
 local now, keep, record = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
-local keep_ms, until, until_ms = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local keep_ms, cool, cool_ms = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 for i = 2, #KEYS, 2 do
   local a = 8 + (i - 2) / 2 * 3
   local detail, quarantined = ARGV[a], ARGV[a+1] == '1'
@@ -265,11 +265,11 @@ for i = 2, #KEYS, 2 do
     redis.call('PEXPIRE', KEYS[i], keep_ms)
   end
   if quarantined then
-    redis.call('SET', KEYS[i+1], until .. '|' .. ARGV[a+2], 'PX', math.max(until_ms, 1))
+    redis.call('SET', KEYS[i+1], cool .. '|' .. ARGV[a+2], 'PX', math.max(cool_ms, 1))
   end
 end
 redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], keep_ms + math.max(until_ms, 0) + 60000)
+redis.call('PEXPIRE', KEYS[1], keep_ms + math.max(cool_ms, 0) + 60000)
 return 1
 """
 
