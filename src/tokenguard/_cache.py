@@ -381,7 +381,9 @@ class _RedisBackend:
         try:
             timeout_s = float(options.get("timeout", "0.25"))
         except ValueError:
-            raise ConfigurationError("Cache.backend", redact(url), "its ?timeout= must be a number of seconds") from None
+            raise ConfigurationError(
+                "Cache.backend", redact(url), "its ?timeout= must be a number of seconds"
+            ) from None
         self._prefix = f"{prefix}:c:"
         self._client = redis_client(target, timeout_s=timeout_s)
         import redis

@@ -208,6 +208,7 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
             until=end,
             progress=lambda n: status.update(f"reading the ledger… {n:,} rows"),
         )
+    _retention_note(opened, start, Console(stderr=True))
     if fmt == "json":
         click.echo(result.to_json())
     elif fmt == "csv":
@@ -223,6 +224,19 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
             raise _UserError(f"--html {html_path}: cannot be written: {err.strerror or err}") from None
         console.print(f"wrote {html_path}")
     opened.close()
+
+
+def _retention_note(store: Any, since: datetime | None, console: Console) -> None:
+    """Say so when a Redis ledger no longer holds every row the report asked for."""
+    retention = getattr(store, "retention", None)
+    if retention is None:
+        return
+    _, oldest, trimmed = retention()
+    if trimmed and oldest is not None and (since is None or since < oldest):
+        console.print(
+            f"note: the Redis ledger keeps single rows for the last {store.max_rows:,} calls (from "
+            f"{oldest:%Y-%m-%d %H:%M} UTC); earlier calls count in guard.stats() and spent(), not here"
+        )
 
 
 @main.command(

@@ -1044,26 +1044,25 @@ class RedisStore(WriteBehind):
 
         yield from self._read("reading the ledger", op)
 
-    def retention(self) -> tuple[int, datetime | None]:
-        """How many rows the stream holds, and the time of the oldest (``None`` when empty)."""
+    def retention(self) -> tuple[int, datetime | None, bool]:
+        """The rows the stream holds, the time of the oldest (``None`` when empty), and whether
+        older rows were trimmed from it."""
 
-        def op() -> tuple[int, datetime | None]:
-            length = int(self._client.xlen(self._k("rows")))
-            first = self._client.xrange(self._k("rows"), count=1)
-            return length, (_row_of(first[0][1][b"r"]).ts if first else None)
+        def op() -> tuple[int, datetime | None, bool]:
+            stream = self._k("rows")
+            if not self._client.exists(stream):
+                return 0, None, False
+            info = self._client.xinfo_stream(stream)
+            first = info.get("first-entry")
+            oldest = _row_of(first[1][b"r"]).ts if first else None
+            return int(info["length"]), oldest, int(info.get("entries-added", 0)) > int(info["length"])
 
         return self._read("reading the ledger", op)
 
     def _covers(self, since: datetime | None) -> bool:
         """Whether the stream still holds every row since ``since``."""
-        stream = self._k("rows")
-        if not self._client.exists(stream):
-            return True
-        info = self._client.xinfo_stream(stream)
-        if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
-            return True  # never trimmed
-        first = info.get("first-entry")
-        return since is not None and first is not None and _row_of(first[1][b"r"]).ts <= since
+        _, oldest, trimmed = self.retention()
+        return not trimmed or (since is not None and oldest is not None and oldest <= since)
 
     def _facet_keys(self, since: datetime | None, scope: Mapping[str, str]) -> list[str] | None:
         """The running totals that add up to the rows since ``since`` matching ``scope``, or
@@ -1099,12 +1098,13 @@ class RedisStore(WriteBehind):
         def op() -> Stats:
             if keys is None:
                 if not self._covers(since):
+                    when = "from the start" if since is None else f"since {since:%Y-%m-%d %H:%M:%S} UTC"
                     raise ConfigurationError(
                         "scope",
                         dict(scope),
                         f"the Redis ledger keeps totals by one scope attribute and whole hours/days; this query "
                         f"needs single rows, and its stream (the last {self.max_rows:,} rows) no longer holds all "
-                        f"of them since {since}. Filter on one attribute, or raise ?rows=",
+                        f"of them {when}. Filter on one attribute, or raise ?rows=",
                     )
                 found = []
                 for data in self._stream(self._k("rows"), since):
