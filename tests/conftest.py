@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import tokenguard
-from redis_server import RedisServer
+from redis_server import RedisClusterServers, RedisServer
 from tokenguard import _tokens
 from tokenguard.testing import FakeLLM
 
@@ -49,3 +49,11 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_url(redis_server: RedisServer) -> str:
     """A Redis store URL with a prefix no other test uses."""
     return redis_server.fresh_url()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A real three-node Redis Cluster for the session (tests keep apart by prefix)."""
+    cluster = RedisClusterServers().start()
+    yield cluster
+    cluster.stop()

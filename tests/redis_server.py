@@ -45,6 +45,7 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tokenguard-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more redis-server options
 
     @property
     def url(self) -> str:
@@ -66,6 +67,7 @@ class RedisServer:
                 str(self.dir),
                 "--logfile",
                 str(self.dir / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -104,3 +106,60 @@ class RedisServer:
         """The server's URL with a prefix of its own (tests never see each other's keys)."""
         query = "&".join(f"{k}={v}" for k, v in {"prefix": f"t{uuid.uuid4().hex[:12]}", **options}.items())
         return f"{self.url}?{query}"
+
+
+class RedisClusterServers:
+    """A three-node Redis Cluster on loopback (no replicas), made with ``redis-cli --cluster create``."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer() for _ in range(3)]
+        self.cli = shutil.which("redis-cli")
+        if self.cli is None:
+            message = "redis-cli is not installed (Debian: apt-get install redis-tools)"
+            if os.environ.get("CI"):
+                pytest.fail(message + "; CI must run the Redis Cluster tests")
+            pytest.skip(message)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(node.dir / "nodes.conf")]
+            node.start()
+        assert self.cli is not None
+        subprocess.run(
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [
+                subprocess.run(
+                    [self.cli, "-p", str(n.port), "cluster", "info"], capture_output=True, text=True, timeout=10
+                ).stdout
+                for n in self.nodes
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not come up")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def fresh_url(self, **options: str) -> str:
+        """A cluster URL (any node's address, ``cluster=true``) with a prefix of its own."""
+        return self.nodes[0].fresh_url(cluster="true", **options)

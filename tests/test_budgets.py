@@ -65,14 +65,15 @@ def fake() -> FakeLLM:
     return FakeLLM(Reply(input_tokens=40, output_tokens=15))
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def make_guard(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Guard]]:
     """Builds guards on the parametrized store, with MODEL priced and a fixed clock by default."""
     made: list[Guard] = []
 
     def make(**kw: Any) -> Guard:
-        if request.param == "redis":
-            store = request.getfixturevalue("redis_server").fresh_url()
+        if request.param in ("redis", "redis-cluster"):
+            servers = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+            store = servers.fresh_url()
         else:
             store = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / f'ledger{len(made)}.db'}"
         kw.setdefault("clock", Clock())

@@ -71,12 +71,14 @@ def worker_cost(worker: int, i: int) -> Decimal:
 # --------------------------------------------------------------------------- the store contract
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Each store implementation, fresh and empty."""
     s: Store
     if request.param == "redis":
         s = open_store(request.getfixturevalue("redis_url"))
+    elif request.param == "redis-cluster":
+        s = open_store(request.getfixturevalue("redis_cluster").fresh_url())
     else:
         s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "l.db")
     yield s

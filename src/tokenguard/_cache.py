@@ -385,7 +385,8 @@ class _RedisBackend:
                 "Cache.backend", redact(url), "its ?timeout= must be a number of seconds"
             ) from None
         self._prefix = f"{prefix}:c:"
-        self._client = redis_client(target, timeout_s=timeout_s)
+        cluster = options.get("cluster", "false").lower() in ("true", "1", "yes")
+        self._client = redis_client(target, timeout_s=timeout_s, cluster=cluster)
         import redis
 
         self._errors: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
@@ -414,14 +415,8 @@ class _RedisBackend:
         yield from self._client.scan_iter(match=self._prefix + "*", count=1000)
 
     def clear(self) -> None:
-        batch: list[bytes] = []
-        for name in self._keys():
-            batch.append(name)
-            if len(batch) >= 1000:
-                self._client.unlink(*batch)
-                batch = []
-        if batch:
-            self._client.unlink(*batch)
+        for name in self._keys():  # one key per command: on a Cluster, keys live on different nodes
+            self._client.unlink(name)
 
     def close(self) -> None:
         self._client.close()
@@ -443,7 +438,7 @@ class Cache:
     Args:
         backend: ``"disk"`` (default: diskcache in the user cache directory, shared by
             processes), ``"memory"`` (a bounded LRU in this process), or a ``"redis://"``
-            URL (shared by a fleet; ``?prefix=`` and ``?timeout=`` in its query string;
+            URL (shared by a fleet; ``?prefix=``, ``?timeout=`` and ``?cluster=true`` in its query string;
             Redis's ``maxmemory`` bounds its size, not ``max_size_mb``).
         path: the disk cache's directory.
         ttl_s: how long an entry is served.

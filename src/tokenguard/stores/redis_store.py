@@ -65,7 +65,7 @@ _LOOP_TRIES: Final = 50
 _SKEW_S: Final = 300.0  # clocks of hosts and the Redis server may differ this much
 _ROWS_BATCH: Final = 5000
 _TOUCHED: Final = 4096  # budget keys remembered per process, for reclaiming dead processes' holds
-_OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s")
+_OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s", "cluster")
 
 # -- Lua ------------------------------------------------------------------------------------------
 # Amounts are (dollars, nanos) pairs of Lua numbers, exact to 2^53 dollars; counters are hashes
@@ -454,13 +454,24 @@ def _option(options: dict[str, str], name: str, default: float, low: float, high
     return value
 
 
-def redis_client(url: str, *, timeout_s: float) -> Any:
-    """A redis-py client for ``url`` with bounded timeouts and one quick reconnect (no backoff)."""
+def redis_client(url: str, *, timeout_s: float, cluster: bool = False) -> Any:
+    """A redis-py client for ``url`` (a ``RedisCluster`` with ``cluster``) with bounded timeouts
+    and one quick reconnect (no backoff)."""
     redis = _import_redis()
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
     try:
+        if cluster:
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1),
+                client_name="tokenguard",
+            )
         return redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -490,7 +501,8 @@ class RedisStore(WriteBehind):
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
             ``unix:///path/redis.sock?db=0``, with tokenguard's options in the query string
             (they override the keyword arguments): ``prefix``, ``on_failure``, ``timeout``,
-            ``rows``, ``days``, ``retry_s``. Other query options go to redis-py.
+            ``rows``, ``days``, ``retry_s``, and ``cluster=true`` for a Redis Cluster (any
+            node's address). Other query options go to redis-py.
         prefix: the namespace of every key (processes share state only under the same prefix).
         on_failure: ``"closed"`` (refuse calls under a budget while Redis is unreachable) or
             ``"open"`` (fall back to this process's memory, with an error in the log).
@@ -531,8 +543,18 @@ class RedisStore(WriteBehind):
         self.max_rows = int(_option(options, "rows", max_rows, 1000, 10**9))
         self.days = int(_option(options, "days", days, 1, 100_000))
         self.retry_s = _option(options, "retry_s", retry_s, 0, 3600)
-        self._client = redis_client(target, timeout_s=self.timeout_s)
+        cluster = options.get("cluster", "false").lower()
+        if cluster not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigurationError("store ?cluster=", cluster, "must be true or false")
+        self.cluster = cluster in ("true", "1", "yes")
         self._redis = _import_redis()
+        from redis.crc import key_slot
+
+        self._slot: Callable[[str], int] = lambda name: int(key_slot(name.encode()))
+        try:
+            self._client = redis_client(target, timeout_s=self.timeout_s, cluster=self.cluster)
+        except self._redis.RedisError as err:  # a Cluster client asks the nodes for the slots at once
+            raise StoreUnavailable("store", self.url, f"cannot reach the Redis Cluster: {err}") from None
         self._scripts = {
             name: self._client.register_script(lua)
             for name, lua in (
@@ -694,6 +716,28 @@ class RedisStore(WriteBehind):
     def _reserve_redis(
         self, claims: list[Claim], owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:
+        held: list[Claim] = []
+        try:
+            # one script for all the claims; on a Cluster one per slot, each all-or-nothing, and
+            # what earlier slots held is given back when a later one refuses
+            for group in self._groups(claims, key=lambda claim: claim):
+                refusal = self._reserve_group([claim for _, claim in group], owner, expires_at, now)
+                if refusal is not None:
+                    if held:
+                        self._settle_redis([(held, [])], owner)
+                    return refusal
+                held.extend(claim for _, claim in group)
+        except self._redis.RedisError:
+            if held:
+                with contextlib.suppress(self._redis.RedisError):
+                    self._settle_redis([(held, [])], owner)
+            raise
+        self._index(claims)
+        return None
+
+    def _reserve_group(
+        self, claims: list[Claim], owner: tuple[str, int], expires_at: float, now: float
+    ) -> Refusal | None:
         keys: list[str] = []
         args: list[Any] = [f"{owner[0]}|{owner[1]}", repr(now), repr(expires_at)]
         for claim in claims:
@@ -707,11 +751,22 @@ class RedisStore(WriteBehind):
         # ask SCRIPT EXISTS first, a second round trip per call
         reply = self._scripts["reserve"](keys=keys, args=args)
         if int(reply[0]) == 0:
-            self._index(claims)
             return None
         claim = claims[int(reply[0]) - 1]
         sd, sn, hd, hn, st, ht = (int(v) for v in reply[1:7])
         return Refusal(claim, Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht))
+
+    def _groups(self, items: Sequence[T], key: Callable[[T], Claim]) -> list[list[tuple[int, T]]]:
+        """``items`` (numbered) in one group, or on a Cluster grouped by their budget key's slot."""
+        numbered = list(enumerate(items))
+        if not self.cluster:
+            return [numbered]
+        groups: dict[int, list[tuple[int, T]]] = {}
+        for index, item in numbered:
+            claim = key(item)
+            slot = self._slot(self._bkeys(claim.key, claim.period_start)[0])
+            groups.setdefault(slot, []).append((index, item))
+        return list(groups.values())
 
     def _touch(self, claim: Claim) -> None:
         ident = (claim.key, claim.period_start)
@@ -759,34 +814,34 @@ class RedisStore(WriteBehind):
     def _settle_redis(
         self, batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]], owner: tuple[str, int]
     ) -> list[Fired]:
-        slots: dict[tuple[str, float], int] = {}
-        keys: list[str] = []
-        args: list[Any] = [f"{owner[0]}|{owner[1]}"]
-        adds: list[Claim] = []
-        if not any(held or actual for held, actual in batch):
+        ops = [("r", c) for held, _ in batch for c in held] + [("a", c) for _, actual in batch for c in actual]
+        if not ops:
             return []
-
-        def slot(claim: Claim) -> int:
-            ident = (claim.key, claim.period_start)
-            if ident not in slots:
-                keys.extend(self._bkeys(*ident))
-                slots[ident] = len(slots) + 1
-            return slots[ident]
-
-        for held, actual in batch:
-            for claim in held:
+        # releases first, then additions: the order inside one call's settle does not matter, and
+        # every key's share lands in one script (per Cluster slot)
+        after: dict[int, tuple[Decimal, int]] = {}
+        for group in self._groups(ops, key=lambda op: op[1]):
+            slots: dict[tuple[str, float], int] = {}
+            keys: list[str] = []
+            args: list[Any] = [f"{owner[0]}|{owner[1]}"]
+            added: list[int] = []
+            for index, (kind, claim) in group:
+                ident = (claim.key, claim.period_start)
+                if ident not in slots:
+                    keys.extend(self._bkeys(*ident))
+                    slots[ident] = len(slots) + 1
                 d, n = _pair(to_nano(claim.usd))
-                args.extend(("r", slot(claim), d, n, claim.tokens, ""))
-            for claim in actual:
-                d, n = _pair(to_nano(claim.usd))
-                args.extend(("a", slot(claim), d, n, claim.tokens, _expire_at(claim)))
-                adds.append(claim)
-        reply = self._scripts["settle"](keys=keys, args=args)
-        self._index(adds)
+                args.extend((kind, slots[ident], d, n, claim.tokens, _expire_at(claim) if kind == "a" else ""))
+                if kind == "a":
+                    added.append(index)
+            reply = self._scripts["settle"](keys=keys, args=args)
+            for i, index in enumerate(added):
+                usd = from_nano(int(reply[3 * i]) * _B + int(reply[3 * i + 1]))
+                after[index] = (usd, int(reply[3 * i + 2]))
+        adds = [(after[i], claim) for i, (kind, claim) in enumerate(ops) if kind == "a"]
+        self._index([claim for _, claim in adds])
         candidates: list[tuple[Claim, float, Decimal, int]] = []
-        for i, claim in enumerate(adds):
-            usd = from_nano(int(reply[3 * i]) * _B + int(reply[3 * i + 1]))
-            tokens = int(reply[3 * i + 2])
+        for (usd, tokens), claim in adds:
             for threshold in crossed(claim, usd, tokens):
                 if (claim.key, claim.period_start, threshold) not in self._marked:
                     candidates.append((claim, threshold, usd, tokens))
@@ -859,18 +914,22 @@ class RedisStore(WriteBehind):
         if not touched:
             return 0
 
+        claims = [Claim(key, start, Decimal(0), 0, None, None, True) for key, start in touched]
+
         def op() -> int:
-            keys = [k for ident in touched for k in self._bkeys(*ident)]
-            reply = self._scripts["reclaim"](keys=keys, args=[repr(now), f"{host}|"])
-            dropped = int(reply[0])
-            dead: list[Any] = []
-            for i in range(1, len(reply), 2):
-                who = reply[i + 1].decode()
-                pid = who.rpartition("|")[2]
-                if pid.isdigit() and not alive(int(pid)):
-                    dead.extend((int(reply[i]), who))
-            if dead:
-                dropped += int(self._scripts["reclaim"](keys=keys, args=[repr(now), "\x00", *dead])[0])
+            dropped = 0
+            for group in self._groups(claims, key=lambda claim: claim):
+                keys = [k for _, claim in group for k in self._bkeys(claim.key, claim.period_start)]
+                reply = self._scripts["reclaim"](keys=keys, args=[repr(now), f"{host}|"])
+                dropped += int(reply[0])
+                dead: list[Any] = []
+                for i in range(1, len(reply), 2):
+                    who = reply[i + 1].decode()
+                    pid = who.rpartition("|")[2]
+                    if pid.isdigit() and not alive(int(pid)):
+                        dead.extend((int(reply[i]), who))
+                if dead:
+                    dropped += int(self._scripts["reclaim"](keys=keys, args=[repr(now), "\x00", *dead])[0])
             return dropped
 
         try:
