@@ -71,12 +71,14 @@ def worker_cost(worker: int, i: int) -> Decimal:
 # --------------------------------------------------------------------------- the store contract
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster", "redis-with-sqlite-ledger"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Each store implementation, fresh and empty."""
     s: Store
     if request.param == "redis":
         s = open_store(request.getfixturevalue("redis_url"))
+    elif request.param == "redis-with-sqlite-ledger":
+        s = open_store(request.getfixturevalue("redis_url") + f"&ledger=sqlite:///{tmp_path / 'rows.db'}")
     elif request.param == "redis-cluster":
         s = open_store(request.getfixturevalue("redis_cluster").fresh_url())
     else:

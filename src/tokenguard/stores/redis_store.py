@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
-from .._ledger import LedgerRow, OutcomeRow, Stats, matches_scope
+from .._ledger import LedgerRow, OutcomeRow, Stats, Store, matches_scope
 from .._loops import Decision
 from .._periods import PERIODS, period_end
 from .._usage import Usage
@@ -65,7 +65,7 @@ _LOOP_TRIES: Final = 50
 _SKEW_S: Final = 300.0  # clocks of hosts and the Redis server may differ this much
 _ROWS_BATCH: Final = 5000
 _TOUCHED: Final = 4096  # budget keys remembered per process, for reclaiming dead processes' holds
-_OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s", "cluster")
+_OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s", "cluster", "ledger")
 
 # -- Lua ------------------------------------------------------------------------------------------
 # Amounts are (dollars, nanos) pairs of Lua numbers, exact to 2^53 dollars; counters are hashes
@@ -511,6 +511,9 @@ class RedisStore(WriteBehind):
         days: how long the per-day totals are kept.
         retry_s: after a failure, Redis is not tried again for this long.
         write_behind_s: ledger rows are written in batches this often (0: every row at once).
+        ledger: where the ledger rows go: ``"redis"`` (the stream and running totals), or a
+            ``sqlite:///`` URL (each host keeps its own rows; budgets, loops and outcomes stay
+            shared) — for fleets whose call rate one Redis stream cannot take (docs/scaling.md).
     """
 
     remote = True  # the async clients run its round trips off the event loop
@@ -526,6 +529,7 @@ class RedisStore(WriteBehind):
         days: int = 400,
         retry_s: float = 1.0,
         write_behind_s: float = 0.05,
+        ledger: str = "redis",
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError("store", url, "a Redis store URL starts with redis://, rediss:// or unix://")
@@ -541,6 +545,16 @@ class RedisStore(WriteBehind):
         self.on_failure = on_failure
         self.timeout_s = _option(options, "timeout", timeout_s, 0.001, 60)
         self.max_rows = int(_option(options, "rows", max_rows, 1000, 10**9))
+        ledger = options.get("ledger", ledger)
+        self._ledger: Store | None = None
+        if ledger != "redis":
+            if not isinstance(ledger, str) or not ledger.startswith(("sqlite:///", "memory://")):
+                raise ConfigurationError(
+                    "store ?ledger=", ledger, "must be redis (the default), sqlite:///path.db or memory://"
+                )
+            from . import open_store
+
+            self._ledger = open_store(ledger)
         self.days = int(_option(options, "days", days, 1, 100_000))
         self.retry_s = _option(options, "retry_s", retry_s, 0, 3600)
         cluster = options.get("cluster", "false").lower()
@@ -1063,6 +1077,20 @@ class RedisStore(WriteBehind):
 
         self._call("writing the ledger", op)
 
+    def record(self, row: LedgerRow) -> None:
+        """Queue one row for Redis (or hand it to the ``ledger=`` store)."""
+        if self._ledger is not None:
+            self._ledger.record(row)
+        else:
+            super().record(row)
+
+    def flush(self) -> None:
+        """Write the queued rows now."""
+        super().flush()
+        flush = getattr(self._ledger, "flush", None)
+        if callable(flush):
+            flush()
+
     def _read(self, what: str, op: Callable[[], T]) -> T:
         self.flush()
         return self._call(what, op)
@@ -1086,6 +1114,9 @@ class RedisStore(WriteBehind):
         scope: Mapping[str, str] | None = None,
     ) -> Iterator[LedgerRow]:
         """The matching rows the stream still holds (the last ``max_rows``), oldest first."""
+        if self._ledger is not None:
+            yield from self._ledger.rows(since=since, until=until, scope=scope)
+            return
 
         def op() -> list[LedgerRow]:
             found = []
@@ -1106,6 +1137,8 @@ class RedisStore(WriteBehind):
     def retention(self) -> tuple[int, datetime | None, bool]:
         """The rows the stream holds, the time of the oldest (``None`` when empty), and whether
         older rows were trimmed from it."""
+        if self._ledger is not None:
+            return 0, None, False
 
         def op() -> tuple[int, datetime | None, bool]:
             stream = self._k("rows")
@@ -1185,10 +1218,14 @@ class RedisStore(WriteBehind):
 
     def spent(self, *, since: datetime | None, scope: Mapping[str, str]) -> Decimal:
         """Settled USD of the matching rows (exact)."""
+        if self._ledger is not None:
+            return self._ledger.spent(since=since, scope=scope)
         return self._aggregate(since, scope).spent_usd
 
     def stats(self, *, since: datetime | None, scope: Mapping[str, str]) -> Stats:
         """Totals of the matching rows."""
+        if self._ledger is not None:
+            return self._ledger.stats(since=since, scope=scope)
         return self._aggregate(since, scope)
 
     def record_outcome(self, row: OutcomeRow) -> None:
@@ -1225,6 +1262,8 @@ class RedisStore(WriteBehind):
         """Write queued rows and close the connections."""
         try:
             self._stop_writer()
+            if self._ledger is not None:
+                self._ledger.close()
         finally:
             self._client.close()
 
