@@ -7,6 +7,7 @@ machine without it they are skipped, saying how to get it.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,6 +25,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_cluster_port() -> int:
+    """A free port at most 55535 whose cluster bus port (10000 higher) is free too."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_000)
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def need_redis_server() -> str:
@@ -112,7 +127,7 @@ class RedisClusterServers:
     """A three-node Redis Cluster on loopback (no replicas), made with ``redis-cli --cluster create``."""
 
     def __init__(self) -> None:
-        self.nodes = [RedisServer() for _ in range(3)]
+        self.nodes = [RedisServer(free_cluster_port()) for _ in range(3)]
         self.cli = shutil.which("redis-cli")
         if self.cli is None:
             message = "redis-cli is not installed (Debian: apt-get install redis-tools)"

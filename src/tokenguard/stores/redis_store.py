@@ -10,7 +10,7 @@ Every process on every host that names the same Redis (and prefix) enforces the 
   Threshold alerts fire once across the fleet (``SET NX``).
 * **Loop detector**: each scope's history is a few lists under one hash tag, read and
   written by two scripts with a version check (compare-and-set), retried on a conflict.
-* **Ledger**: rows go to a capped stream (``max_rows``, default 1,000,000, trimmed
+* **Ledger**: rows go to a capped stream (``max_rows``, default 500,000, trimmed
   approximately) written behind the call like SQLite's, and into running totals per hour
   (kept 48 hours), per day (kept ``days``, default 400) and for all time — for all calls
   and for each ``attribute=value`` of their scope. ``spent()`` and ``stats()`` read the
@@ -105,90 +105,136 @@ local function expired(C, H, X, now)
 end
 """
 
-# KEYS: (C, H, X) per claim. ARGV: owner, now, expires_at, then per claim: usd dollars, usd nanos,
-# tokens, limit dollars, limit nanos, limit tokens ('' for no limit), expire-at of the keys ('' never).
-# Returns {0} when every claim is held, else {i, sd, sn, hd, hn, st, ht} of the first that does not fit.
+# Several calls' reservations in one script (a process's concurrent calls are sent together, see
+# _Batcher). KEYS: (C, H, X) per budget key. ARGV: owner, now, expires_at, then per key: its
+# expire-at ('' never), limit dollars, limit nanos, limit tokens ('' for no limit); then per call: the
+# number c of its claims and c (key index, dollars, nanos, tokens). Each call is all-or-nothing, in
+# order. Returns seven values per call: 0 when held, else the index (in the call) of the first claim
+# that does not fit and its key's sd, sn, hd, hn, st, ht. Each key is read once and written once;
+# lapsed holds are swept only when a claim does not fit (they matter only near the limit).
 _LUA_RESERVE: Final = (
     _LUA_COMMON
     + """
 local owner, now, expires = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local n = #KEYS / 3
-local seen = {}
-for i = 1, n do expired(KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i], now) end
-for i = 1, n do
-  local a = 3 + (i - 1) * 7
-  local c = redis.call('HMGET', KEYS[3*i-2], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
-  local t = {num(c[1]), num(c[2]), num(c[3]), num(c[4]), num(c[5]), num(c[6])}
-  seen[i] = t
-  local refused = false
-  if ARGV[a+4] ~= '' then
-    local d, m = norm(t[1] + t[3] + tonumber(ARGV[a+1]), t[2] + t[4] + tonumber(ARGV[a+2]))
-    local ld, ln = tonumber(ARGV[a+4]), tonumber(ARGV[a+5])
-    refused = d > ld or (d == ld and m > ln)
-  end
-  if not refused and ARGV[a+6] ~= '' then
-    refused = t[5] + t[6] + tonumber(ARGV[a+3]) > tonumber(ARGV[a+6])
-  end
-  if refused then return {i, fmt(t[1]), fmt(t[2]), fmt(t[3]), fmt(t[4]), fmt(t[5]), fmt(t[6])} end
+local nk = #KEYS / 3
+local keys = {}
+local function load(k)
+  local c = redis.call('HMGET', KEYS[3*k-2], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
+  local s = keys[k]
+  s.sd, s.sn, s.hd, s.hn, s.st, s.ht = num(c[1]), num(c[2]), num(c[3]), num(c[4]), num(c[5]), num(c[6])
+  s.new = not (c[1] or c[3] or c[5])
 end
-for i = 1, n do
-  local a = 3 + (i - 1) * 7
-  local C, H, X = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local t = seen[i]
-  local ud, un, ut = tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
-  local hd, hn = norm(t[3] + ud, t[4] + un)
-  redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(t[6] + ut))
-  local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
-  local od, on = norm(num(v[1]) + ud, num(v[2]) + un)
-  redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(num(v[3]) + ut))
-  redis.call('ZADD', X, expires, owner)
-  if ARGV[a+7] ~= '' then
-    redis.call('EXPIREAT', C, ARGV[a+7])
-    redis.call('EXPIREAT', H, ARGV[a+7])
-    redis.call('EXPIREAT', X, ARGV[a+7])
+local a = 4
+for k = 1, nk do
+  keys[k] = {at = ARGV[a], ld = ARGV[a+1], ln = ARGV[a+2], lt = ARGV[a+3], dd = 0, dn = 0, dt = 0, swept = false}
+  load(k)
+  a = a + 4
+end
+local function fits(s, ud, un, ut)
+  if s.ld ~= '' then
+    local d, m = norm(s.sd + s.hd + s.dd + ud, s.sn + s.hn + s.dn + un)
+    local ld, ln = tonumber(s.ld), tonumber(s.ln)
+    if d > ld or (d == ld and m > ln) then return false end
+  end
+  return s.lt == '' or s.st + s.ht + s.dt + ut <= tonumber(s.lt)
+end
+local out = {}
+while a <= #ARGV do
+  local c = tonumber(ARGV[a])
+  local refused = 0
+  for j = 0, c - 1 do
+    local b = a + 1 + 4 * j
+    local k = tonumber(ARGV[b])
+    local s = keys[k]
+    local ud, un, ut = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3])
+    if not fits(s, ud, un, ut) and not s.swept then
+      s.swept = true
+      if expired(KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k], now) > 0 then load(k) end
+    end
+    if not fits(s, ud, un, ut) then
+      local hd, hn = norm(s.hd + s.dd, s.hn + s.dn)
+      for _, v in ipairs({j + 1, fmt(s.sd), fmt(s.sn), fmt(hd), fmt(hn), fmt(s.st), fmt(s.ht + s.dt)}) do
+        out[#out+1] = v
+      end
+      refused = 1
+      break
+    end
+  end
+  if refused == 0 then
+    for j = 0, c - 1 do
+      local b = a + 1 + 4 * j
+      local s = keys[tonumber(ARGV[b])]
+      s.dd, s.dn = norm(s.dd + tonumber(ARGV[b+1]), s.dn + tonumber(ARGV[b+2]))
+      s.dt = s.dt + tonumber(ARGV[b+3])
+      s.held = true
+    end
+    for _ = 1, 7 do out[#out+1] = 0 end
+  end
+  a = a + 1 + 4 * c
+end
+for k = 1, nk do
+  local s = keys[k]
+  if s.held then
+    local C, H, X = KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k]
+    local hd, hn = norm(s.hd + s.dd, s.hn + s.dn)
+    redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(s.ht + s.dt))
+    if s.new and s.at ~= '' then redis.call('EXPIREAT', C, s.at) end
+    local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
+    local od, on = norm(num(v[1]) + s.dd, num(v[2]) + s.dn)
+    redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(num(v[3]) + s.dt))
+    if redis.call('ZADD', X, expires, owner) == 1 and s.at ~= '' then
+      redis.call('EXPIREAT', H, s.at)
+      redis.call('EXPIREAT', X, s.at)
+    end
   end
 end
-return {0}
+return out
 """
 )
 
-# KEYS: (C, H, X) per budget key. ARGV: owner, then operations of six: 'r' (release what this owner
-# holds) or 'a' (add spend), key index, dollars, nanos, tokens, expire-at ('' never).
-# Returns, per 'a', the spent dollars, nanos and tokens after it.
+# KEYS: (C, H, X) per budget key. ARGV: owner, then per key: the dollars, nanos and tokens to release
+# from this owner's hold (if it still holds any), the keys' expire-at ('' never), the number m of
+# additions, and m (dollars, nanos, tokens) to add to the spend, in order. Returns, per addition, the
+# spent dollars, nanos and tokens right after it (so each threshold alert names the spend it crossed at).
 _LUA_SETTLE: Final = (
     _LUA_COMMON
     + """
 local owner = ARGV[1]
 local out = {}
-for i = 2, #ARGV, 6 do
-  local k = tonumber(ARGV[i+1])
+local a = 2
+for k = 1, #KEYS / 3 do
   local C, H, X = KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k]
-  local d, n, t = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4])
-  if ARGV[i] == 'r' then
+  local rd, rn, rt = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
+  local c = redis.call('HMGET', C, 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
+  local hd, hn, ht = num(c[3]), num(c[4]), num(c[6])
+  if rd + rn + rt > 0 then
     local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
     if v[1] or v[3] then
-      local od, on = norm(num(v[1]) - d, num(v[2]) - n)
-      local ot = math.max(num(v[3]) - t, 0)
+      local od, on = norm(num(v[1]) - rd, num(v[2]) - rn)
+      local ot = math.max(num(v[3]) - rt, 0)
       if od == 0 and on == 0 and ot == 0 then
         redis.call('HDEL', H, owner .. ':d', owner .. ':n', owner .. ':t')
         redis.call('ZREM', X, owner)
       else
         redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(ot))
       end
-      local c = redis.call('HMGET', C, 'hd', 'hn', 'ht')
-      local hd, hn = norm(num(c[1]) - d, num(c[2]) - n)
-      redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(math.max(num(c[3]) - t, 0)))
+      hd, hn = norm(hd - rd, hn - rn)
+      ht = math.max(ht - rt, 0)
     end
-  else
-    local c = redis.call('HMGET', C, 'sd', 'sn', 'st')
-    local sd, sn = norm(num(c[1]) + d, num(c[2]) + n)
-    local st = num(c[3]) + t
-    redis.call('HSET', C, 'sd', fmt(sd), 'sn', fmt(sn), 'st', fmt(st))
-    if ARGV[i+5] ~= '' then redis.call('EXPIREAT', C, ARGV[i+5]) end
+  end
+  local at, m = ARGV[a+3], tonumber(ARGV[a+4])
+  local sd, sn, st = num(c[1]), num(c[2]), num(c[5])
+  for j = 1, m do
+    local b = a + 2 + 3 * j
+    sd, sn = norm(sd + tonumber(ARGV[b]), sn + tonumber(ARGV[b+1]))
+    st = st + tonumber(ARGV[b+2])
     out[#out+1] = fmt(sd)
     out[#out+1] = fmt(sn)
     out[#out+1] = fmt(st)
   end
+  redis.call('HSET', C, 'sd', fmt(sd), 'sn', fmt(sn), 'hd', fmt(hd), 'hn', fmt(hn), 'st', fmt(st), 'ht', fmt(ht))
+  if not (c[1] or c[3] or c[5]) and at ~= '' then redis.call('EXPIREAT', C, at) end
+  a = a + 5 + 3 * m
 end
 return out
 """
@@ -493,6 +539,62 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
+class _Ask:
+    """One call's reservation waiting to be sent with others."""
+
+    __slots__ = ("claims", "done", "error", "result")
+
+    def __init__(self, claims: list[Claim]) -> None:
+        self.claims = claims
+        self.done = False
+        self.result: Refusal | None = None
+        self.error: BaseException | None = None
+
+
+class _Batcher:
+    """Group commit for reservations: while one thread's script is in flight, the reservations
+    other threads ask for queue up and go together in the next script.
+
+    A lone call goes at once, as before (no waiting to fill a batch); under load, one round trip
+    and one script carry many calls, each still all-or-nothing on its own.
+    """
+
+    def __init__(
+        self, send: Callable[[list[list[Claim]], tuple[str, int], float, float], list[Refusal | None]]
+    ) -> None:
+        self._send = send
+        self._cond = threading.Condition()
+        self._queue: list[_Ask] = []
+        self._busy = False
+
+    def reserve(self, claims: list[Claim], owner: tuple[str, int], expires_at: float, now: float) -> Refusal | None:
+        ask = _Ask(claims)
+        with self._cond:
+            self._queue.append(ask)
+            while self._busy and not ask.done:
+                self._cond.wait()
+            if not ask.done:  # this thread sends what is queued
+                self._busy = True
+                batch, self._queue = self._queue, []
+        if not ask.done:
+            try:
+                results = self._send([a.claims for a in batch], owner, expires_at, now)
+                for a, result in zip(batch, results, strict=True):
+                    a.result = result
+            except BaseException as err:
+                for a in batch:
+                    a.error = err
+            finally:
+                with self._cond:
+                    for a in batch:
+                        a.done = True
+                    self._busy = False
+                    self._cond.notify_all()
+        if ask.error is not None:
+            raise ask.error
+        return ask.result
+
+
 class RedisStore(WriteBehind):
     """The ledger, budgets, loop history and outcomes in Redis, shared by every process that
     names the same server and prefix.
@@ -525,7 +627,7 @@ class RedisStore(WriteBehind):
         prefix: str = "tokenguard",
         on_failure: str = "closed",
         timeout_s: float = 0.5,
-        max_rows: int = 1_000_000,
+        max_rows: int = 500_000,
         days: int = 400,
         retry_s: float = 1.0,
         write_behind_s: float = 0.05,
@@ -591,6 +693,8 @@ class RedisStore(WriteBehind):
         self._indexed: set[tuple[str, float]] = set()
         self._touched: OrderedDict[tuple[str, float], None] = OrderedDict()
         self._marked: set[tuple[str, float, float]] = set()
+        # on a Cluster a call's claims may span slots: each is sent on its own
+        self._batcher = None if self.cluster else _Batcher(self._reserve_many)
         self._start_write_behind(write_behind_s)
         try:
             self._client.ping()
@@ -609,6 +713,7 @@ class RedisStore(WriteBehind):
         self._local_claims = {}
         self._owed = []
         self._touched = OrderedDict()
+        self._batcher = None if self.cluster else _Batcher(self._reserve_many)
 
     # -- failure policy -----------------------------------------------------------------------
 
@@ -752,23 +857,42 @@ class RedisStore(WriteBehind):
     def _reserve_group(
         self, claims: list[Claim], owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:
+        if self._batcher is not None:
+            return self._batcher.reserve(claims, owner, expires_at, now)
+        return self._reserve_many([claims], owner, expires_at, now)[0]
+
+    def _reserve_many(
+        self, asks: Sequence[Sequence[Claim]], owner: tuple[str, int], expires_at: float, now: float
+    ) -> list[Refusal | None]:
+        """Reserve each call's claims (all-or-nothing per call, in order) in one script."""
+        slots: dict[tuple[str, float], int] = {}
         keys: list[str] = []
-        args: list[Any] = [f"{owner[0]}|{owner[1]}", repr(now), repr(expires_at)]
-        for claim in claims:
-            keys.extend(self._bkeys(claim.key, claim.period_start))
-            usd = _pair(to_nano(claim.usd))
-            limit = ("", "") if claim.limit_usd is None else _pair(_nano_floor(claim.limit_usd))
-            tokens_limit = "" if claim.limit_tokens is None else claim.limit_tokens
-            args.extend((usd[0], usd[1], claim.tokens, limit[0], limit[1], tokens_limit, _expire_at(claim)))
-            self._touch(claim)
+        head: list[Any] = [f"{owner[0]}|{owner[1]}", repr(now), repr(expires_at)]
+        body: list[Any] = []
+        for claims in asks:
+            body.append(len(claims))
+            for claim in claims:
+                ident = (claim.key, claim.period_start)
+                if ident not in slots:
+                    slots[ident] = len(slots) + 1
+                    keys.extend(self._bkeys(*ident))
+                    limit = ("", "") if claim.limit_usd is None else _pair(_nano_floor(claim.limit_usd))
+                    tokens_limit = "" if claim.limit_tokens is None else claim.limit_tokens
+                    head.extend((_expire_at(claim), *limit, tokens_limit))
+                    self._touch(claim)
+                body.extend((slots[ident], *_pair(to_nano(claim.usd)), claim.tokens))
         # a script called directly (EVALSHA, loaded on NOSCRIPT): in a pipeline redis-py would
         # ask SCRIPT EXISTS first, a second round trip per call
-        reply = self._scripts["reserve"](keys=keys, args=args)
-        if int(reply[0]) == 0:
-            return None
-        claim = claims[int(reply[0]) - 1]
-        sd, sn, hd, hn, st, ht = (int(v) for v in reply[1:7])
-        return Refusal(claim, Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht))
+        reply = self._scripts["reserve"](keys=keys, args=head + body)
+        results: list[Refusal | None] = []
+        for i, claims in enumerate(asks):
+            first, sd, sn, hd, hn, st, ht = (int(v) for v in reply[7 * i : 7 * i + 7])
+            if first == 0:
+                results.append(None)
+            else:
+                totals = Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht)
+                results.append(Refusal(claims[first - 1], totals))
+        return results
 
     def _groups(self, items: Sequence[T], key: Callable[[T], Claim]) -> list[list[tuple[int, T]]]:
         """``items`` (numbered) in one group, or on a Cluster grouped by their budget key's slot."""
@@ -828,31 +952,42 @@ class RedisStore(WriteBehind):
     def _settle_redis(
         self, batch: Sequence[tuple[Sequence[Claim], Sequence[Claim]]], owner: tuple[str, int]
     ) -> list[Fired]:
-        ops = [("r", c) for held, _ in batch for c in held] + [("a", c) for _, actual in batch for c in actual]
-        if not ops:
+        # the whole batch folds into one read and one write per budget key: the releases summed
+        # (exact integers), the additions applied in order inside the script
+        released: dict[tuple[str, float], list[int]] = {}  # [nano, tokens]
+        additions: dict[tuple[str, float], list[Claim]] = {}
+        claims: dict[tuple[str, float], Claim] = {}
+        for held, actual in batch:
+            for claim in held:
+                ident = (claim.key, claim.period_start)
+                acc = released.setdefault(ident, [0, 0])
+                acc[0] += to_nano(claim.usd)
+                acc[1] += claim.tokens
+                claims.setdefault(ident, claim)
+                additions.setdefault(ident, [])
+            for claim in actual:
+                ident = (claim.key, claim.period_start)
+                additions.setdefault(ident, []).append(claim)
+                claims[ident] = claim
+        if not additions:
             return []
-        # releases first, then additions: the order inside one call's settle does not matter, and
-        # every key's share lands in one script (per Cluster slot)
-        after: dict[int, tuple[Decimal, int]] = {}
-        for group in self._groups(ops, key=lambda op: op[1]):
-            slots: dict[tuple[str, float], int] = {}
+        adds: list[tuple[tuple[Decimal, int], Claim]] = []
+        for group in self._groups(list(additions), key=lambda ident: claims[ident]):
             keys: list[str] = []
             args: list[Any] = [f"{owner[0]}|{owner[1]}"]
-            added: list[int] = []
-            for index, (kind, claim) in group:
-                ident = (claim.key, claim.period_start)
-                if ident not in slots:
-                    keys.extend(self._bkeys(*ident))
-                    slots[ident] = len(slots) + 1
-                d, n = _pair(to_nano(claim.usd))
-                args.extend((kind, slots[ident], d, n, claim.tokens, _expire_at(claim) if kind == "a" else ""))
-                if kind == "a":
-                    added.append(index)
+            for _, ident in group:
+                keys.extend(self._bkeys(*ident))
+                release_nano, release_tokens = released.get(ident, (0, 0))
+                args.extend((*_pair(release_nano), release_tokens, _expire_at(claims[ident]), len(additions[ident])))
+                for claim in additions[ident]:
+                    args.extend((*_pair(to_nano(claim.usd)), claim.tokens))
             reply = self._scripts["settle"](keys=keys, args=args)
-            for i, index in enumerate(added):
-                usd = from_nano(int(reply[3 * i]) * _B + int(reply[3 * i + 1]))
-                after[index] = (usd, int(reply[3 * i + 2]))
-        adds = [(after[i], claim) for i, (kind, claim) in enumerate(ops) if kind == "a"]
+            i = 0
+            for _, ident in group:
+                for claim in additions[ident]:
+                    usd = from_nano(int(reply[i]) * _B + int(reply[i + 1]))
+                    adds.append(((usd, int(reply[i + 2])), claim))
+                    i += 3
         self._index([claim for _, claim in adds])
         candidates: list[tuple[Claim, float, Decimal, int]] = []
         for (usd, tokens), claim in adds:
