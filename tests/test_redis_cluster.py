@@ -55,7 +55,7 @@ def test_budgets_of_one_call_sit_in_different_slots_and_a_refusal_gives_back_the
     assert {err.budget.period for err in refusals} == {"month"}
     statuses = {s.budget.period: s for s in g.budget_status(user="ana")}
     slots = {
-        key_slot(store._bkeys(f"{s.budget.id}|{s.key or ''}", s.period_start.timestamp())[0].encode())
+        key_slot(store._bkey(f"{s.budget.id}|{s.key or ''}", s.period_start.timestamp()).encode())
         for s in statuses.values()
         if s.period_start is not None
     }

@@ -7,6 +7,7 @@ import multiprocessing
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from tokenguard import ConfigurationError, LedgerRow, Stats, Store, StoreUnavailable, Usage
+from tokenguard._budget import BudgetStore, Claim
 from tokenguard.stores import MemoryStore, SQLiteStore, open_store
 from tokenguard.stores import sqlite as sqlite_store
 
@@ -338,6 +340,33 @@ class TestStoreContract:
         assert store.spent(since=None, scope={}) == expected
         for t in range(8):
             assert len(list(store.rows(scope={"thread": str(t)}))) == 200
+
+
+# --------------------------------------------------------------------------- budget holds
+
+
+def test_settling_a_lapsed_hold_keeps_other_live_holds(store: Store) -> None:
+    """Process P's call outlives its lease (budget_hold_s); a read of the budget (any process's
+    budget_status(), or a refusal) sweeps its $0.6 hold. Q then reserves $0.3, P another $0.1,
+    and P's long call ends ($0.5). Q's and P's live holds ($0.4) must still count, so a $0.5
+    reservation no longer fits under the $1 cap (on every store)."""
+    assert isinstance(store, BudgetStore)
+    p, q, r = ("host-a", 1), ("host-a", 2), ("host-b", 3)
+    t = time.time()
+
+    def claim(usd: str) -> Claim:
+        return Claim("lapse|", 0.0, Decimal(usd), 0, Decimal(1), None, True, (), "total")
+
+    long_call = claim("0.6")  # the very claim objects are settled, as BudgetBook does
+    assert store.reserve([long_call], owner=p, expires_at=t + 1, now=t) is None
+    assert store.totals("lapse|", 0.0, now=t + 2).held_usd == 0  # P's lease lapsed: its hold is swept
+    assert store.reserve([claim("0.3")], owner=q, expires_at=t + 900, now=t + 2) is None
+    assert store.reserve([claim("0.1")], owner=p, expires_at=t + 900, now=t + 2) is None
+    store.settle([([long_call], [claim("0.5")])], owner=p, now=t + 3)  # P's long call ends
+    totals = store.totals("lapse|", 0.0, now=t + 3)
+    over = store.reserve([claim("0.5")], owner=r, expires_at=t + 900, now=t + 3)
+    assert totals == (Decimal("0.5"), Decimal("0.4"), 0, 0)
+    assert over is not None  # 0.5 spent + 0.4 still in flight + 0.5 would be $1.40 of a $1 cap
 
 
 # --------------------------------------------------------------------------- SQLite specifics

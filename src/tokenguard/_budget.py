@@ -298,8 +298,12 @@ class BudgetStore(Protocol):
     def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
         """Record that an alert fired; ``True`` only the first time, across processes."""
 
-    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop the holds of owners whose lease expired or, on ``host``, whose pid is gone; return how many."""
+    def reclaim(
+        self, *, now: float, host: str, alive: Callable[[int], bool], keys: Sequence[tuple[str, float]] = ()
+    ) -> int:
+        """Drop the holds of owners whose lease expired or, on ``host``, whose pid is gone; return how
+        many. ``keys`` ((key, period start) pairs) names where a refusal happened: a store may look
+        only there."""
 
 
 _ZERO: Final = Decimal(0)
@@ -495,7 +499,9 @@ class BudgetBook:
         if refusal is not None and self.before_refusal is not None:
             self.before_refusal()
             refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
-        if refusal is not None and self._store.reclaim(now=ts, host=_HOST, alive=pid_alive):
+        if refusal is not None and self._store.reclaim(
+            now=ts, host=_HOST, alive=pid_alive, keys=[(refusal.claim.key, refusal.claim.period_start)]
+        ):
             refusal = self._store.reserve(claims, owner=owner, expires_at=ts + self._hold_s, now=ts)
         return refusal
 

@@ -419,7 +419,9 @@ class _RedisBackend:
             self._client.unlink(name)
 
     def close(self) -> None:
-        self._client.close()
+        from .stores.redis_store import close_client
+
+        close_client(self._client)
 
     def usage(self) -> tuple[int, int]:
         entries = size = 0

@@ -244,9 +244,14 @@ class Guard:
             flush()
 
     def close(self) -> None:
-        """Settle what is queued and close the store. Clients using this guard must not be used afterwards."""
+        """Settle what is queued, close the store and release the cache's connections. Clients
+        using this guard must not be used afterwards."""
         self._pipeline.drain()
-        self._store.close()
+        try:
+            self._store.close()
+        finally:
+            if self.cache is not None:
+                self.cache.close()
 
     def __repr__(self) -> str:
         return f"Guard(store={self._store.url!r}, require_prices={self.require_prices})"

@@ -358,6 +358,9 @@ class Pipeline:
                     loops.detector, call.adapter.vendor, call.endpoint.name, call.body, now=loops.now()
                 )
             loop = loops.check(call.prints, call.scope)
+        except StoreUnavailable as err:  # the store is down (and says so once): one line per call
+            log.warning("tokenguard: the loop detector could not check a %s call: %s", call.endpoint.name, err)
+            return
         except Exception:  # a broken loop store must not fail every call: the check is skipped
             log.exception("tokenguard: the loop detector could not check a %s call", call.endpoint.name)
             return

@@ -234,8 +234,8 @@ def _retention_note(store: Any, since: datetime | None, console: Console) -> Non
     _, oldest, trimmed = retention()
     if trimmed and oldest is not None and (since is None or since < oldest):
         console.print(
-            f"note: the Redis ledger keeps single rows for the last {store.max_rows:,} calls (from "
-            f"{oldest:%Y-%m-%d %H:%M} UTC); earlier calls count in guard.stats() and spent(), not here"
+            f"note: the Redis ledger keeps single rows for the last {store.max_rows:,} calls (those recorded "
+            f"since {oldest:%Y-%m-%d %H:%M} UTC); earlier calls count in guard.stats() and spent(), not here"
         )
 
 

@@ -31,6 +31,7 @@ class MemoryStore:
         self._spend: dict[tuple[str, float], list[Any]] = {}
         self._holders: dict[tuple[str, int, str, float], list[Any]] = {}
         self._alerts: set[tuple[str, float, float]] = set()
+        self._claimed: dict[int, list[Any]] = {}  # id(held claim) -> the holder it was reserved in
         # the loop detector: per key, its latest (time, detail) entries; quarantines
         self._loops: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
         self._loop_cooldowns: dict[str, tuple[float, str]] = {}
@@ -160,6 +161,9 @@ class MemoryStore:
                 counter[1] += claim.usd
                 counter[3] += claim.tokens
                 holder = self._holders.setdefault((*owner, claim.key, claim.period_start), [Decimal(0), 0, 0.0])
+                # a hold reclaimed while its owner lives comes back as a new holder object: a settle
+                # releases only from the holder its claim was reserved in
+                self._claimed[id(claim)] = holder
                 holder[0] += claim.usd
                 holder[1] += claim.tokens
                 holder[2] = expires_at
@@ -185,13 +189,16 @@ class MemoryStore:
         """One call of a batch (``settle()`` holds the lock)."""
         for claim in held:
             holder = self._holders.get((*owner, claim.key, claim.period_start))
-            if holder is None:
+            reserved_in = self._claimed.pop(id(claim), None)
+            if holder is None or (reserved_in is not None and reserved_in is not holder):
                 continue  # reclaimed already: its amounts were taken off then
-            holder[0] = max(holder[0] - claim.usd, Decimal(0))
-            holder[1] = max(holder[1] - claim.tokens, 0)
+            # only what the owner still holds (it may hold less than the claim since a reclaim)
+            usd, tokens = min(claim.usd, holder[0]), min(claim.tokens, holder[1])
+            holder[0] -= usd
+            holder[1] -= tokens
             counter = self._counter(claim.key, claim.period_start)
-            counter[1] = max(counter[1] - claim.usd, Decimal(0))
-            counter[3] = max(counter[3] - claim.tokens, 0)
+            counter[1] = max(counter[1] - usd, Decimal(0))
+            counter[3] = max(counter[3] - tokens, 0)
         for claim in actual:
             counter = self._counter(claim.key, claim.period_start)
             counter[0] += claim.usd
@@ -229,7 +236,10 @@ class MemoryStore:
                 dropped += bool(usd or tokens)
         return dropped
 
-    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop the holds of owners whose lease lapsed or, on ``host``, whose process is gone."""
+    def reclaim(
+        self, *, now: float, host: str, alive: Callable[[int], bool], keys: Sequence[tuple[str, float]] = ()
+    ) -> int:
+        """Drop the holds of owners whose lease lapsed or, on ``host``, whose process is gone (every
+        key: ``keys`` is only a hint)."""
         with self._lock:
             return self._drop(lambda h, pid, expires: expires <= now or (h == host and not alive(pid)))

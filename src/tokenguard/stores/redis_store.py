@@ -31,6 +31,7 @@ See docs/scaling.md for the key layout and how it scales.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -54,7 +55,7 @@ from ._url import redact
 from ._writebehind import WriteBehind
 from .memory import MemoryStore
 
-__all__ = ["RedisStore", "redis_client"]
+__all__ = ["RedisStore", "close_client", "redis_client", "split_url"]
 
 log = logging.getLogger("tokenguard")
 T = TypeVar("T")
@@ -68,9 +69,13 @@ _TOUCHED: Final = 4096  # budget keys remembered per process, for reclaiming dea
 _OPTIONS: Final = ("prefix", "on_failure", "timeout", "rows", "days", "retry_s", "cluster", "ledger")
 
 # -- Lua ------------------------------------------------------------------------------------------
-# Amounts are (dollars, nanos) pairs of Lua numbers, exact to 2^53 dollars; counters are hashes
-# with fields sd/sn (spent), hd/hn (held), st/ht (tokens); a hold is three fields of the holders
-# hash per owner ("host|pid"), whose lease is the owner's score in the expiry sorted set.
+# Amounts are (dollars, nanos) pairs of Lua numbers, exact to 2^53 dollars. A budget key's period is
+# ONE hash: sd/sn (spent), hd/hn (held), st/ht (tokens), and per owner ("host|pid") the fields
+# <owner>:d, :n, :t (what it holds), :e (its lease: when the hold lapses) and :g (its generation: a
+# hold swept while its owner lives is a new generation when the owner reserves again, and a settle
+# releases only what the current generation holds). A hold released to zero
+# keeps its fields (so the hot path is one HMGET and one HSET per key); lapsed owners are swept only
+# where a lapsed hold matters: when a claim does not fit, and when the totals are read.
 
 _LUA_COMMON: Final = """
 local B = 1000000000
@@ -83,49 +88,49 @@ local function norm(d, n)
   if d < 0 then return 0, 0 end
   return d, n
 end
-local function drop(C, H, X, who)
-  local v = redis.call('HMGET', H, who .. ':d', who .. ':n', who .. ':t')
-  local d, n, t = num(v[1]), num(v[2]), num(v[3])
-  if redis.call('EXISTS', C) == 1 then
-    local c = redis.call('HMGET', C, 'hd', 'hn', 'ht')
-    local hd, hn = norm(num(c[1]) - d, num(c[2]) - n)
-    redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(math.max(num(c[3]) - t, 0)))
-  end
-  redis.call('HDEL', H, who .. ':d', who .. ':n', who .. ':t')
-  redis.call('ZREM', X, who)
+local function drop(C, who)
+  local v = redis.call('HMGET', C, 'hd', 'hn', 'ht', who .. ':d', who .. ':n', who .. ':t')
+  local d, n, t = num(v[4]), num(v[5]), num(v[6])
+  local hd, hn = norm(num(v[1]) - d, num(v[2]) - n)
+  redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(math.max(num(v[3]) - t, 0)))
+  redis.call('HDEL', C, who .. ':d', who .. ':n', who .. ':t', who .. ':e', who .. ':g')
   if d + n + t > 0 then return 1 end
   return 0
 end
-local function expired(C, H, X, now)
+local function sweep(C, now)
+  local all = redis.call('HGETALL', C)
   local gone = 0
-  for _, who in ipairs(redis.call('ZRANGEBYSCORE', X, '-inf', now, 'LIMIT', 0, 256)) do
-    gone = gone + drop(C, H, X, who)
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if string.sub(f, -2) == ':e' and tonumber(all[i+1]) <= now then
+      gone = gone + drop(C, string.sub(f, 1, -3))
+    end
   end
   return gone
 end
 """
 
 # Several calls' reservations in one script (a process's concurrent calls are sent together, see
-# _Batcher). KEYS: (C, H, X) per budget key. ARGV: owner, now, expires_at, then per key: its
+# _Batcher). KEYS: the hash of each budget key. ARGV: owner, now, expires_at, then per key: its
 # expire-at ('' never), limit dollars, limit nanos, limit tokens ('' for no limit); then per call: the
 # number c of its claims and c (key index, dollars, nanos, tokens). Each call is all-or-nothing, in
 # order. Returns seven values per call: 0 when held, else the index (in the call) of the first claim
-# that does not fit and its key's sd, sn, hd, hn, st, ht. Each key is read once and written once;
-# lapsed holds are swept only when a claim does not fit (they matter only near the limit).
+# that does not fit and its key's sd, sn, hd, hn, st, ht; then per key this owner's hold generation.
 _LUA_RESERVE: Final = (
     _LUA_COMMON
     + """
 local owner, now, expires = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local nk = #KEYS / 3
 local keys = {}
 local function load(k)
-  local c = redis.call('HMGET', KEYS[3*k-2], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
+  local c = redis.call('HMGET', KEYS[k], 'sd', 'sn', 'hd', 'hn', 'st', 'ht',
+    owner .. ':d', owner .. ':n', owner .. ':t', owner .. ':g')
   local s = keys[k]
   s.sd, s.sn, s.hd, s.hn, s.st, s.ht = num(c[1]), num(c[2]), num(c[3]), num(c[4]), num(c[5]), num(c[6])
+  s.od, s.on, s.ot, s.g = num(c[7]), num(c[8]), num(c[9]), c[10]
   s.new = not (c[1] or c[3] or c[5])
 end
 local a = 4
-for k = 1, nk do
+for k = 1, #KEYS do
   keys[k] = {at = ARGV[a], ld = ARGV[a+1], ln = ARGV[a+2], lt = ARGV[a+3], dd = 0, dn = 0, dt = 0, swept = false}
   load(k)
   a = a + 4
@@ -141,7 +146,7 @@ end
 local out = {}
 while a <= #ARGV do
   local c = tonumber(ARGV[a])
-  local refused = 0
+  local refused = false
   for j = 0, c - 1 do
     local b = a + 1 + 4 * j
     local k = tonumber(ARGV[b])
@@ -149,18 +154,18 @@ while a <= #ARGV do
     local ud, un, ut = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3])
     if not fits(s, ud, un, ut) and not s.swept then
       s.swept = true
-      if expired(KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k], now) > 0 then load(k) end
+      if sweep(KEYS[k], now) > 0 then load(k) end
     end
     if not fits(s, ud, un, ut) then
       local hd, hn = norm(s.hd + s.dd, s.hn + s.dn)
       for _, v in ipairs({j + 1, fmt(s.sd), fmt(s.sn), fmt(hd), fmt(hn), fmt(s.st), fmt(s.ht + s.dt)}) do
         out[#out+1] = v
       end
-      refused = 1
+      refused = true
       break
     end
   end
-  if refused == 0 then
+  if not refused then
     for j = 0, c - 1 do
       local b = a + 1 + 4 * j
       local s = keys[tonumber(ARGV[b])]
@@ -172,103 +177,109 @@ while a <= #ARGV do
   end
   a = a + 1 + 4 * c
 end
-for k = 1, nk do
+for k = 1, #KEYS do
   local s = keys[k]
   if s.held then
-    local C, H, X = KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k]
+    if not s.g then s.g = tostring(redis.call('HINCRBY', KEYS[k], 'gen', 1)) end
     local hd, hn = norm(s.hd + s.dd, s.hn + s.dn)
-    redis.call('HSET', C, 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(s.ht + s.dt))
-    if s.new and s.at ~= '' then redis.call('EXPIREAT', C, s.at) end
-    local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
-    local od, on = norm(num(v[1]) + s.dd, num(v[2]) + s.dn)
-    redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(num(v[3]) + s.dt))
-    if redis.call('ZADD', X, expires, owner) == 1 and s.at ~= '' then
-      redis.call('EXPIREAT', H, s.at)
-      redis.call('EXPIREAT', X, s.at)
-    end
+    local od, on = norm(s.od + s.dd, s.on + s.dn)
+    redis.call('HSET', KEYS[k], 'hd', fmt(hd), 'hn', fmt(hn), 'ht', fmt(s.ht + s.dt),
+      owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(s.ot + s.dt), owner .. ':e', expires,
+      owner .. ':g', s.g)
+    if s.new and s.at ~= '' then redis.call('EXPIREAT', KEYS[k], s.at) end
   end
+  out[#out+1] = s.g or ''
 end
 return out
 """
 )
 
-# KEYS: (C, H, X) per budget key. ARGV: owner, then per key: the dollars, nanos and tokens to release
-# from this owner's hold (if it still holds any), the keys' expire-at ('' never), the number m of
-# additions, and m (dollars, nanos, tokens) to add to the spend, in order. Returns, per addition, the
-# spent dollars, nanos and tokens right after it (so each threshold alert names the spend it crossed at).
+# KEYS: the hash of each budget key. ARGV: owner, then per key: the number r of releases and r
+# (generation, dollars, nanos, tokens) to release from this owner's hold — only those of the hold's
+# current generation ('' for any) —, the key's expire-at ('' never), the number m of additions, and m
+# (dollars, nanos, tokens) to add to the spend, in order. Returns, per addition,
+# the spent dollars, nanos and tokens right after it (so each threshold alert names the spend it
+# crossed at).
 _LUA_SETTLE: Final = (
     _LUA_COMMON
     + """
 local owner = ARGV[1]
 local out = {}
 local a = 2
-for k = 1, #KEYS / 3 do
-  local C, H, X = KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k]
-  local rd, rn, rt = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2])
-  local c = redis.call('HMGET', C, 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
-  local hd, hn, ht = num(c[3]), num(c[4]), num(c[6])
-  if rd + rn + rt > 0 then
-    local v = redis.call('HMGET', H, owner .. ':d', owner .. ':n', owner .. ':t')
-    if v[1] or v[3] then
-      local od, on = norm(num(v[1]) - rd, num(v[2]) - rn)
-      local ot = math.max(num(v[3]) - rt, 0)
-      if od == 0 and on == 0 and ot == 0 then
-        redis.call('HDEL', H, owner .. ':d', owner .. ':n', owner .. ':t')
-        redis.call('ZREM', X, owner)
-      else
-        redis.call('HSET', H, owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(ot))
-      end
-      hd, hn = norm(hd - rd, hn - rn)
-      ht = math.max(ht - rt, 0)
+for k = 1, #KEYS do
+  local C = KEYS[k]
+  local c = redis.call('HMGET', C, 'sd', 'sn', 'hd', 'hn', 'st', 'ht',
+    owner .. ':d', owner .. ':n', owner .. ':t', owner .. ':g')
+  local rd, rn, rt = 0, 0, 0
+  local r = tonumber(ARGV[a])
+  for j = 0, r - 1 do
+    local b = a + 1 + 4 * j
+    if ARGV[b] == '' or ARGV[b] == c[10] then
+      rd, rn = norm(rd + tonumber(ARGV[b+1]), rn + tonumber(ARGV[b+2]))
+      rt = rt + tonumber(ARGV[b+3])
     end
   end
-  local at, m = ARGV[a+3], tonumber(ARGV[a+4])
+  a = a + 1 + 4 * r
+  local hd, hn, ht = num(c[3]), num(c[4]), num(c[6])
+  local fields = {}
+  if rd + rn + rt > 0 and (c[7] or c[9]) then
+    -- only what this owner still holds is released: a swept hold was taken off the key already,
+    -- and since a sweep the owner may hold less than it releases now
+    local od, on, ot = num(c[7]), num(c[8]), num(c[9])
+    if od < rd or (od == rd and on < rn) then rd, rn = od, on end
+    rt = math.min(rt, ot)
+    od, on = norm(od - rd, on - rn)
+    fields = {owner .. ':d', fmt(od), owner .. ':n', fmt(on), owner .. ':t', fmt(ot - rt)}
+    hd, hn = norm(hd - rd, hn - rn)
+    ht = math.max(ht - rt, 0)
+  end
+  local at, m = ARGV[a], tonumber(ARGV[a+1])
   local sd, sn, st = num(c[1]), num(c[2]), num(c[5])
   for j = 1, m do
-    local b = a + 2 + 3 * j
+    local b = a - 1 + 3 * j
     sd, sn = norm(sd + tonumber(ARGV[b]), sn + tonumber(ARGV[b+1]))
     st = st + tonumber(ARGV[b+2])
     out[#out+1] = fmt(sd)
     out[#out+1] = fmt(sn)
     out[#out+1] = fmt(st)
   end
-  redis.call('HSET', C, 'sd', fmt(sd), 'sn', fmt(sn), 'hd', fmt(hd), 'hn', fmt(hn), 'st', fmt(st), 'ht', fmt(ht))
+  redis.call('HSET', C, 'sd', fmt(sd), 'sn', fmt(sn), 'hd', fmt(hd), 'hn', fmt(hn), 'st', fmt(st), 'ht', fmt(ht),
+    unpack(fields))
   if not (c[1] or c[3] or c[5]) and at ~= '' then redis.call('EXPIREAT', C, at) end
-  a = a + 5 + 3 * m
+  a = a + 2 + 3 * m
 end
 return out
 """
 )
 
-# KEYS: C, H, X. ARGV: now. Drops lapsed holds; returns sd, sn, hd, hn, st, ht.
+# KEYS: one budget key's hash. ARGV: now. Drops lapsed holds; returns sd, sn, hd, hn, st, ht.
 _LUA_TOTALS: Final = (
     _LUA_COMMON
     + """
-expired(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
+sweep(KEYS[1], tonumber(ARGV[1]))
 local c = redis.call('HMGET', KEYS[1], 'sd', 'sn', 'hd', 'hn', 'st', 'ht')
 return {fmt(num(c[1])), fmt(num(c[2])), fmt(num(c[3])), fmt(num(c[4])), fmt(num(c[5])), fmt(num(c[6]))}
 """
 )
 
-# KEYS: (C, H, X) per budget key. ARGV: now, host prefix ("host|"), then (key index, owner) pairs to drop.
+# KEYS: budget keys' hashes. ARGV: now, host prefix ("host|"), then (key index, owner) pairs to drop.
 # Drops lapsed holds and the named owners' holds; returns how many of them held anything, then the
-# owners on this host that still hold something (index, owner, ...).
+# owners on this host that hold something (index, owner, ...).
 _LUA_RECLAIM: Final = (
     _LUA_COMMON
     + """
 local now, host = tonumber(ARGV[1]), ARGV[2]
 local gone = 0
-for i = 1, #KEYS / 3 do gone = gone + expired(KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i], now) end
-for j = 3, #ARGV, 2 do
-  local k = tonumber(ARGV[j])
-  gone = gone + drop(KEYS[3*k-2], KEYS[3*k-1], KEYS[3*k], ARGV[j+1])
-end
+for k = 1, #KEYS do gone = gone + sweep(KEYS[k], now) end
+for j = 3, #ARGV, 2 do gone = gone + drop(KEYS[tonumber(ARGV[j])], ARGV[j+1]) end
 local out = {gone}
-for i = 1, #KEYS / 3 do
-  for _, who in ipairs(redis.call('ZRANGE', KEYS[3*i], 0, -1)) do
-    if string.sub(who, 1, #host) == host then
-      out[#out+1] = i
-      out[#out+1] = who
+for k = 1, #KEYS do
+  local all = redis.call('HGETALL', KEYS[k])
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if string.sub(f, -2) == ':e' and string.sub(f, 1, #host) == host then
+      out[#out+1] = k
+      out[#out+1] = string.sub(f, 1, -3)
     end
   end
 end
@@ -340,16 +351,22 @@ _GRACE_S: Final = 3600  # a budget key outlives its period by this much (hosts' 
 _LONGEST_S: Final = 32 * 86_400  # when the period is unknown: a month, the longest
 
 
+@functools.lru_cache(maxsize=4096)
+def _period_end_ts(period: str, start: float) -> float | None:
+    """When the period that starts at ``start`` ends (``None``: never, for "total")."""
+    if start == 0.0 or period == "total":
+        return None
+    if period in PERIODS:
+        ends = period_end(period, datetime.fromtimestamp(start, tz=UTC))
+        return start + _LONGEST_S if ends is None else ends.timestamp()
+    return start + _LONGEST_S
+
+
 def _expire_at(claim: Claim) -> str:
     """When the keys of ``claim``'s budget key and period may go (``""``: never, for "total")."""
-    if claim.period_start == 0.0 or claim.period == "total":
+    end = _period_end_ts(claim.period, claim.period_start)
+    if end is None:
         return ""
-    end: float
-    if claim.period in PERIODS:
-        ends = period_end(claim.period, datetime.fromtimestamp(claim.period_start, tz=UTC))
-        end = claim.period_start + _LONGEST_S if ends is None else ends.timestamp()
-    else:
-        end = claim.period_start + _LONGEST_S
     # never in the past, even for a guard on an injected clock (EXPIREAT in the past deletes the key)
     return str(int(max(end, time.time())) + _GRACE_S)
 
@@ -529,6 +546,15 @@ def redis_client(url: str, *, timeout_s: float, cluster: bool = False) -> Any:
         raise ConfigurationError("store", redact(url), f"not a Redis URL redis-py understands: {err}") from None
 
 
+def close_client(client: Any) -> None:
+    """Close a client and its connections (a ``RedisCluster`` leaves its nodes' pools open)."""
+    nodes = list(client.get_nodes()) if hasattr(client, "get_nodes") else []
+    client.close()
+    for node in nodes:
+        if node.redis_connection is not None:
+            node.redis_connection.connection_pool.disconnect()
+
+
 def split_url(url: str) -> tuple[str, dict[str, str]]:
     """The Redis URL without tokenguard's own query options, and those options."""
     parts = urlsplit(url)
@@ -693,6 +719,8 @@ class RedisStore(WriteBehind):
         self._indexed: set[tuple[str, float]] = set()
         self._touched: OrderedDict[tuple[str, float], None] = OrderedDict()
         self._marked: set[tuple[str, float, float]] = set()
+        self._bkey_names: dict[tuple[str, float], str] = {}
+        self._generations: dict[int, bytes] = {}  # id(held claim) -> its hold's generation
         # on a Cluster a call's claims may span slots: each is sent on its own
         self._batcher = None if self.cluster else _Batcher(self._reserve_many)
         self._start_write_behind(write_behind_s)
@@ -700,7 +728,7 @@ class RedisStore(WriteBehind):
             self._client.ping()
         except self._redis.RedisError as err:
             if self.on_failure == "closed":
-                self._client.close()
+                close_client(self._client)
                 raise StoreUnavailable("store", self.url, f"cannot reach Redis: {err}") from None
             with contextlib.suppress(StoreUnavailable):
                 self._call("connecting", self._client.ping)  # starts the outage: logged, fallback on
@@ -790,10 +818,17 @@ class RedisStore(WriteBehind):
 
     # -- budgets ------------------------------------------------------------------------------
 
-    def _bkeys(self, key: str, period_start: float) -> tuple[str, str, str]:
-        tag = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:24]
-        base = self._k("b", "{" + tag + "}", _period_text(period_start))
-        return f"{base}:c", f"{base}:h", f"{base}:x"
+    def _bkey(self, key: str, period_start: float) -> str:
+        """The hash of a budget key's period: ``<prefix>:b:{<digest of the key>}:<period start>``
+        (the braces make it a Cluster hash tag: the key and its alert markers share a slot)."""
+        name = self._bkey_names.get((key, period_start))
+        if name is None:
+            tag = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:24]
+            name = self._k("b", "{" + tag + "}", _period_text(period_start))
+            if len(self._bkey_names) > 100_000:
+                self._bkey_names.clear()
+            self._bkey_names[(key, period_start)] = name
+        return name
 
     def _index(self, claims: Sequence[Claim]) -> None:
         """List new budget keys of a period (for ``budget_keys``): once per key and process."""
@@ -875,7 +910,7 @@ class RedisStore(WriteBehind):
                 ident = (claim.key, claim.period_start)
                 if ident not in slots:
                     slots[ident] = len(slots) + 1
-                    keys.extend(self._bkeys(*ident))
+                    keys.append(self._bkey(*ident))
                     limit = ("", "") if claim.limit_usd is None else _pair(_nano_floor(claim.limit_usd))
                     tokens_limit = "" if claim.limit_tokens is None else claim.limit_tokens
                     head.extend((_expire_at(claim), *limit, tokens_limit))
@@ -884,11 +919,15 @@ class RedisStore(WriteBehind):
         # a script called directly (EVALSHA, loaded on NOSCRIPT): in a pipeline redis-py would
         # ask SCRIPT EXISTS first, a second round trip per call
         reply = self._scripts["reserve"](keys=keys, args=head + body)
+        generations = reply[7 * len(asks) :]
         results: list[Refusal | None] = []
         for i, claims in enumerate(asks):
             first, sd, sn, hd, hn, st, ht = (int(v) for v in reply[7 * i : 7 * i + 7])
             if first == 0:
                 results.append(None)
+                with self._state_lock:  # which generation of this process's hold each claim is in
+                    for claim in claims:
+                        self._generations[id(claim)] = generations[slots[(claim.key, claim.period_start)] - 1]
             else:
                 totals = Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht)
                 results.append(Refusal(claims[first - 1], totals))
@@ -902,7 +941,7 @@ class RedisStore(WriteBehind):
         groups: dict[int, list[tuple[int, T]]] = {}
         for index, item in numbered:
             claim = key(item)
-            slot = self._slot(self._bkeys(claim.key, claim.period_start)[0])
+            slot = self._slot(self._bkey(claim.key, claim.period_start))
             groups.setdefault(slot, []).append((index, item))
         return list(groups.values())
 
@@ -954,13 +993,15 @@ class RedisStore(WriteBehind):
     ) -> list[Fired]:
         # the whole batch folds into one read and one write per budget key: the releases summed
         # (exact integers), the additions applied in order inside the script
-        released: dict[tuple[str, float], list[int]] = {}  # [nano, tokens]
+        released: dict[tuple[str, float], dict[bytes, list[int]]] = {}  # generation -> [nano, tokens]
         additions: dict[tuple[str, float], list[Claim]] = {}
         claims: dict[tuple[str, float], Claim] = {}
         for held, actual in batch:
             for claim in held:
                 ident = (claim.key, claim.period_start)
-                acc = released.setdefault(ident, [0, 0])
+                with self._state_lock:
+                    generation = self._generations.pop(id(claim), b"")
+                acc = released.setdefault(ident, {}).setdefault(generation, [0, 0])
                 acc[0] += to_nano(claim.usd)
                 acc[1] += claim.tokens
                 claims.setdefault(ident, claim)
@@ -976,9 +1017,12 @@ class RedisStore(WriteBehind):
             keys: list[str] = []
             args: list[Any] = [f"{owner[0]}|{owner[1]}"]
             for _, ident in group:
-                keys.extend(self._bkeys(*ident))
-                release_nano, release_tokens = released.get(ident, (0, 0))
-                args.extend((*_pair(release_nano), release_tokens, _expire_at(claims[ident]), len(additions[ident])))
+                keys.append(self._bkey(*ident))
+                releases = released.get(ident, {})
+                args.append(len(releases))
+                for generation, (release_nano, release_tokens) in releases.items():
+                    args.extend((generation, *_pair(release_nano), release_tokens))
+                args.extend((_expire_at(claims[ident]), len(additions[ident])))
                 for claim in additions[ident]:
                     args.extend((*_pair(to_nano(claim.usd)), claim.tokens))
             reply = self._scripts["settle"](keys=keys, args=args)
@@ -1012,7 +1056,7 @@ class RedisStore(WriteBehind):
         return fired
 
     def _alert_key(self, pipe: Any, claim: Claim, threshold: float) -> None:
-        name = self._bkeys(claim.key, claim.period_start)[0][: -len(":c")] + f":a:{threshold!r}"
+        name = self._bkey(claim.key, claim.period_start) + f":a:{threshold!r}"
         at = _expire_at(claim)
         if at:
             pipe.set(name, 1, nx=True, exat=int(at))
@@ -1029,7 +1073,7 @@ class RedisStore(WriteBehind):
 
         def op() -> Totals:
             sd, sn, hd, hn, st, ht = (
-                int(v) for v in self._scripts["totals"](keys=self._bkeys(key, period_start), args=[repr(now)])
+                int(v) for v in self._scripts["totals"](keys=[self._bkey(key, period_start)], args=[repr(now)])
             )
             return Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht)
 
@@ -1042,11 +1086,16 @@ class RedisStore(WriteBehind):
 
     def mark_alert(self, key: str, period_start: float, threshold: float) -> bool:
         """Record that an alert fired; ``True`` only the first time, across the fleet (``SET NX``)."""
+        marker = (key, period_start, threshold)
+        if marker in self._marked:  # this process saw it marked: no round trip per refusal at a cap
+            return False
 
         def op() -> bool:
             pipe = self._client.pipeline(transaction=False)
             self._alert_key(pipe, Claim(key, period_start, Decimal(0), 0, None, None, True), threshold)
-            return bool(pipe.execute()[0])
+            first = bool(pipe.execute()[0])
+            self._remember_marked(marker)
+            return first
 
         try:
             return self._call("marking an alert", op)
@@ -1055,11 +1104,13 @@ class RedisStore(WriteBehind):
                 raise
             return self._local().mark_alert(key, period_start, threshold)
 
-    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop lapsed holds, and the holds of processes on ``host`` that are gone, of the
-        budget keys this process used lately (the keys a refusal here can be about)."""
+    def reclaim(
+        self, *, now: float, host: str, alive: Callable[[int], bool], keys: Sequence[tuple[str, float]] = ()
+    ) -> int:
+        """Drop lapsed holds, and the holds of processes on ``host`` that are gone, of ``keys``
+        (where a call was refused), or else of the budget keys this process used lately."""
         with self._state_lock:
-            touched = list(self._touched)
+            touched = list(keys) or list(self._touched)
         if not touched:
             return 0
 
@@ -1068,7 +1119,7 @@ class RedisStore(WriteBehind):
         def op() -> int:
             dropped = 0
             for group in self._groups(claims, key=lambda claim: claim):
-                keys = [k for _, claim in group for k in self._bkeys(claim.key, claim.period_start)]
+                keys = [self._bkey(claim.key, claim.period_start) for _, claim in group]
                 reply = self._scripts["reclaim"](keys=keys, args=[repr(now), f"{host}|"])
                 dropped += int(reply[0])
                 dead: list[Any] = []
@@ -1171,7 +1222,7 @@ class RedisStore(WriteBehind):
 
     def _buckets(self, ts: datetime, now: float) -> list[tuple[str, int | None]]:
         """The running-total buckets a row at ``ts`` adds to, with when each expires."""
-        hour = ts.replace(minute=0, second=0, microsecond=0)
+        hour = ts.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         day = hour.replace(hour=0)
         out: list[tuple[str, int | None]] = [("t:all", None)]
         hour_ends = (hour + timedelta(hours=1)).timestamp() + _HOUR_KEEP_S
@@ -1270,8 +1321,10 @@ class RedisStore(WriteBehind):
         yield from self._read("reading the ledger", op)
 
     def retention(self) -> tuple[int, datetime | None, bool]:
-        """The rows the stream holds, the time of the oldest (``None`` when empty), and whether
-        older rows were trimmed from it."""
+        """The rows the stream holds; since when it holds every row *recorded* (by the Redis
+        server's clock; ``None`` when empty) — a row is recorded when its call ends, so a long
+        call that started earlier can be among them, and one recorded before can be gone; and
+        whether older rows were trimmed from it."""
         if self._ledger is not None:
             return 0, None, False
 
@@ -1281,15 +1334,20 @@ class RedisStore(WriteBehind):
                 return 0, None, False
             info = self._client.xinfo_stream(stream)
             first = info.get("first-entry")
-            oldest = _row_of(first[1][b"r"]).ts if first else None
-            return int(info["length"]), oldest, int(info.get("entries-added", 0)) > int(info["length"])
+            # the entry id is the server's time of writing: every row written since is here
+            kept_since = datetime.fromtimestamp(int(first[0].split(b"-")[0]) / 1000, tz=UTC) if first else None
+            return int(info["length"]), kept_since, int(info.get("entries-added", 0)) > int(info["length"])
 
         return self._read("reading the ledger", op)
 
     def _covers(self, since: datetime | None) -> bool:
-        """Whether the stream still holds every row since ``since``."""
-        _, oldest, trimmed = self.retention()
-        return not trimmed or (since is not None and oldest is not None and oldest <= since)
+        """Whether the stream still holds every row that started at or after ``since``: a row
+        trimmed away was recorded before the stream's first entry, and started before it was
+        recorded (allowing for hosts' clocks to differ from the server's by ``_SKEW_S``)."""
+        _, kept_since, trimmed = self.retention()
+        if not trimmed:
+            return True
+        return since is not None and kept_since is not None and kept_since + timedelta(seconds=_SKEW_S) <= since
 
     def _facet_keys(self, since: datetime | None, scope: Mapping[str, str]) -> list[str] | None:
         """The running totals that add up to the rows since ``since`` matching ``scope``, or
@@ -1400,7 +1458,7 @@ class RedisStore(WriteBehind):
             if self._ledger is not None:
                 self._ledger.close()
         finally:
-            self._client.close()
+            close_client(self._client)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r}, on_failure={self.on_failure!r})"

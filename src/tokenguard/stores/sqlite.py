@@ -47,7 +47,7 @@ except ImportError:  # Windows: writers wait on SQLite's lock alone
 
 log = logging.getLogger("tokenguard")
 
-_SCHEMA_VERSION: Final = 3  # 3: the loop detector's tables, outcomes
+_SCHEMA_VERSION: Final = 4  # 3: the loop detector's tables, outcomes; 4: hold generations
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS budget_holders (
     nusd INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
     expires_at REAL NOT NULL,
+    gen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (host, pid, key, period_start)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS budget_alerts (
@@ -241,6 +242,7 @@ class SQLiteStore(WriteBehind):
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._loop_writes = 0
+        self._generations: dict[int, int] = {}  # id(held claim) -> its hold's generation
         self._lock_pid = -1
         self._lock = threading.Lock()  # guards the connection
         self._start_write_behind(write_behind_s)
@@ -288,7 +290,11 @@ class SQLiteStore(WriteBehind):
                 "store", self.url, f"written by a newer tokenguard (schema {version} > {_SCHEMA_VERSION})"
             )
         if version < _SCHEMA_VERSION:
-            conn.executescript(_SCHEMA + f"PRAGMA user_version={_SCHEMA_VERSION};")
+            conn.executescript(_SCHEMA)
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(budget_holders)")]
+            if "gen" not in columns:  # a ledger from schema 3 or older
+                conn.execute("ALTER TABLE budget_holders ADD COLUMN gen INTEGER NOT NULL DEFAULT 0")
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def _connection(self) -> sqlite3.Connection:
         # a forked child must not share the parent's connection
@@ -490,12 +496,17 @@ class SQLiteStore(WriteBehind):
                 "SET held_nusd = held_nusd + excluded.held_nusd, held_tokens = held_tokens + excluded.held_tokens",
                 amounts,
             )
-            conn.executemany(
-                "INSERT INTO budget_holders VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (host, pid, key, period_start) DO UPDATE SET nusd = nusd + excluded.nusd, "
-                "tokens = tokens + excluded.tokens, expires_at = excluded.expires_at",
-                [(owner[0], owner[1], key, period, nusd, tokens, expires_at) for key, period, nusd, tokens in amounts],
-            )
+            # a hold reclaimed while its owner lives (its lease lapsed) comes back as a new generation:
+            # settles release only what the generation they reserved in still holds
+            fresh = random.getrandbits(62)
+            for claim, (key, period, nusd, tokens) in zip(enforced, amounts, strict=True):
+                (generation,) = conn.execute(
+                    "INSERT INTO budget_holders VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (host, pid, key, period_start) DO UPDATE SET nusd = nusd + excluded.nusd, "
+                    "tokens = tokens + excluded.tokens, expires_at = excluded.expires_at RETURNING gen",
+                    (owner[0], owner[1], key, period, nusd, tokens, expires_at, fresh),
+                ).fetchone()
+                self._generations[id(claim)] = generation
             return None
 
         result: Refusal | None = self._transaction(work)
@@ -545,8 +556,8 @@ class SQLiteStore(WriteBehind):
         result: list[Fired] = self._transaction(work)
         return result
 
-    @staticmethod
     def _settle_one(
+        self,
         conn: sqlite3.Connection,
         held: Sequence[Claim],
         actual: Sequence[Claim],
@@ -556,15 +567,25 @@ class SQLiteStore(WriteBehind):
         """One call of a batch, inside ``settle()``'s transaction."""
         released: dict[tuple[str, float], tuple[int, int]] = {}
         for claim in held:
-            nusd, tokens = to_nano(claim.usd), claim.tokens
-            # only what this owner still holds is released (a reclaimed hold was taken off already)
+            ident = (owner[0], owner[1], claim.key, claim.period_start)
+            # only what this owner still holds is released: a hold reclaimed (its lease lapsed)
+            # was taken off the key already, and the owner may hold less now than this claim
             row = conn.execute(
-                "UPDATE budget_holders SET nusd = max(nusd - ?, 0), tokens = max(tokens - ?, 0) "
-                "WHERE host = ? AND pid = ? AND key = ? AND period_start = ? RETURNING 1",
-                (nusd, tokens, owner[0], owner[1], claim.key, claim.period_start),
+                "SELECT nusd, tokens, gen FROM budget_holders "
+                "WHERE host = ? AND pid = ? AND key = ? AND period_start = ?",
+                ident,
             ).fetchone()
-            if row is not None:
-                released[(claim.key, claim.period_start)] = (nusd, tokens)
+            generation = self._generations.pop(id(claim), None)
+            if row is None or (generation is not None and generation != row[2]):
+                continue
+            nusd, tokens = min(to_nano(claim.usd), row[0]), min(claim.tokens, row[1])
+            conn.execute(
+                "UPDATE budget_holders SET nusd = nusd - ?, tokens = tokens - ? "
+                "WHERE host = ? AND pid = ? AND key = ? AND period_start = ?",
+                (nusd, tokens, *ident),
+            )
+            before = released.get((claim.key, claim.period_start), (0, 0))
+            released[(claim.key, claim.period_start)] = (before[0] + nusd, before[1] + tokens)
         for claim in actual:
             held_nusd, held_tokens = released.pop((claim.key, claim.period_start), (0, 0))
             spent_nusd, spent_tokens = conn.execute(
@@ -605,8 +626,11 @@ class SQLiteStore(WriteBehind):
         )
         return inserted > 0
 
-    def reclaim(self, *, now: float, host: str, alive: Callable[[int], bool]) -> int:
-        """Drop the holds of owners whose lease expired, or whose process on ``host`` is gone."""
+    def reclaim(
+        self, *, now: float, host: str, alive: Callable[[int], bool], keys: Sequence[tuple[str, float]] = ()
+    ) -> int:
+        """Drop the holds of owners whose lease expired, or whose process on ``host`` is gone (every
+        key: ``keys`` is only a hint)."""
 
         def work(conn: sqlite3.Connection) -> int:
             dropped = self._drop_holders(conn, "expires_at <= ?", (now,))
