@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -1193,3 +1194,21 @@ def test_a_bad_store_option_is_a_configuration_error_naming_it(
     monkeypatch.setenv("TOKENGUARD_STORE", url)
     with pytest.raises(ConfigurationError, match=re.escape(f"?{option}=")):
         Guard()
+
+
+def test_a_unix_socket_url_reaches_redis(tmp_path: Path) -> None:
+    """``unix:///path/redis.sock?db=0`` (with tokenguard's own options after it) opens the store
+    over the socket: the path keeps its three slashes when the options are taken out."""
+    server = RedisServer()
+    socket_path = tmp_path / "redis.sock"
+    server.extra = ["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
+    server.start()
+    try:
+        g = priced_guard(f"unix://{socket_path}?db=0&prefix=sock", budgets=[Budget(limit_usd="1", period="day")])
+        FakeLLM().openai(guard=g).chat.completions.create(model=MODEL, messages=BIG, max_tokens=MAX_TOKENS)
+        [status] = g.budget_status()
+        assert status.spent_usd > 0
+        assert g.stats().calls == 1
+        g.close()
+    finally:
+        server.stop()

@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
@@ -310,23 +310,22 @@ return out
 # cool-down ms, then per loop key: its detail, whether it is quarantined (0/1), the detail it is quarantined with.
 # Returns 0 when another process wrote since the read (nothing applied), else 1.
 _LUA_LOOP_WRITE: Final = """
-if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+local version = redis.call('GET', KEYS[1]) or '0'
+if version ~= ARGV[1] then return 0 end
 local now, keep, record = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local keep_ms, cool, cool_ms = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 for i = 2, #KEYS, 2 do
   local a = 8 + (i - 2) / 2 * 3
   local detail, quarantined = ARGV[a], ARGV[a+1] == '1'
   if record then
-    redis.call('LPUSH', KEYS[i], now .. '|' .. detail)
-    redis.call('LTRIM', KEYS[i], 0, keep - 1)
+    if redis.call('LPUSH', KEYS[i], now .. '|' .. detail) > keep then redis.call('LTRIM', KEYS[i], 0, keep - 1) end
     redis.call('PEXPIRE', KEYS[i], keep_ms)
   end
   if quarantined then
     redis.call('SET', KEYS[i+1], cool .. '|' .. ARGV[a+2], 'PX', math.max(cool_ms, 1))
   end
 end
-redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], keep_ms + math.max(cool_ms, 0) + 60000)
+redis.call('SET', KEYS[1], tostring(tonumber(version) + 1), 'PX', keep_ms + math.max(cool_ms, 0) + 60000)
 return 1
 """
 
@@ -557,12 +556,12 @@ def close_client(client: Any) -> None:
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
     """The Redis URL without tokenguard's own query options, and those options."""
-    parts = urlsplit(url)
+    base, _, query = url.partition("?")  # (urlunsplit would turn unix:///path into unix:/path)
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    for name, value in parse_qsl(query, keep_blank_values=True):
         (ours.__setitem__(name, value) if name in _OPTIONS else theirs.append((name, value)))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+    return (f"{base}?{urlencode(theirs)}" if theirs else base), ours
 
 
 class _Ask:
