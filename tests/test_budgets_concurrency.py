@@ -4,7 +4,6 @@ alerts fire once in total, and the holds of a killed process are reclaimed."""
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
 import os
 import signal
@@ -15,13 +14,13 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tokenguard
+from chat_server import serve_chat
 from tokenguard import Budget, BudgetExceeded, Guard
 from tokenguard.providers.openai import CHAT, OpenAIAdapter
 from tokenguard.testing import FakeLLM, Reply
@@ -118,58 +117,11 @@ def test_threads_racing_for_one_cap_never_overspend(store_kind: str, tmp_path: P
 # -- processes ----------------------------------------------------------------------------------
 
 
-class _ChatHandler(BaseHTTPRequestHandler):
-    """Answers POST /v1/chat/completions with a fixed completion (1,000 in, 200 out) and counts it."""
-
-    protocol_version = "HTTP/1.1"
-    server: Any
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path != "/v1/chat/completions":
-            self.send_error(404)
-            return
-        payload = json.dumps(
-            {
-                "id": "chatcmpl-loopback",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body.get("model", "unknown"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "logprobs": None,
-                        "message": {"role": "assistant", "content": "ok", "refusal": None},
-                    }
-                ],
-                "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200},
-            }
-        ).encode()
-        with self.server.lock:
-            self.server.answered += 1
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def chat_server() -> Iterator[Any]:
     """A loopback chat-completions server counting the requests it answered."""
-    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    server.lock = threading.Lock()
-    server.answered = 0
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serve_chat() as server:
+        yield server
 
 
 def _spend_worker(db: str, port: int, barrier: Any, results: Any) -> None:
@@ -205,7 +157,7 @@ def test_processes_sharing_a_sqlite_cap_never_overspend(tmp_path: Path, chat_ser
                 p.kill()
     errors = [o[2] for o in outcomes if o[0] == "error"]
     assert not errors, errors[0]
-    answered = chat_server.answered
+    answered = sum(chat_server.answered.values())
     assert sum(o[2] for o in outcomes) == answered  # every admitted call was answered, and only those
     assert answered * ACTUAL <= CAP
     assert answered * ACTUAL >= CAP - WORST
@@ -213,7 +165,7 @@ def test_processes_sharing_a_sqlite_cap_never_overspend(tmp_path: Path, chat_ser
     assert delivered == {("threshold", 0.5): 1, ("threshold", 0.75): 1, ("threshold", 0.9): 1, ("blocked", 1.0): 1}
     check = priced_guard(f"sqlite:///{db}", budgets=[Budget(limit_usd=CAP, period="total")])
     [status] = check.budget_status()
-    assert (status.spent_usd, status.held_usd) == (answered * ACTUAL, 0)
+    assert (status.spent_usd, status.held_usd) == (answered * ACTUAL, Decimal(0))
     assert check.spent() == answered * ACTUAL
     check.close()
 
@@ -251,7 +203,7 @@ def test_holds_of_a_killed_process_are_reclaimed(tmp_path: Path) -> None:
         client.chat.completions.create(model=MODEL, messages=BIG, max_tokens=MAX_TOKENS)
         assert len(fake.money_requests) == 1
         [status] = g.budget_status()
-        assert (status.spent_usd, status.held_usd) == (ACTUAL, 0)
+        assert (status.spent_usd, status.held_usd) == (ACTUAL, Decimal(0))
         g.close()
     finally:
         if child.is_alive():

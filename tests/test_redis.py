@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -42,6 +41,7 @@ import redis
 from redis.crc import key_slot
 
 import tokenguard
+from chat_server import serve_chat
 from redis_server import RedisServer
 from tokenguard import Budget, BudgetExceeded, ConfigurationError, Guard, LoopDetected, LoopDetector, StoreUnavailable
 from tokenguard._budget import Claim
@@ -116,53 +116,6 @@ def collect(procs: list[Any], results: Any, timeout: float = 60) -> list[Any]:
     return outcomes
 
 
-# -- a loopback chat server, counting what it answered --------------------------------------------
-
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    """Answers POST /v1/chat/completions (1,000 tokens in, 200 out) and counts it, per ``x-user``."""
-
-    protocol_version = "HTTP/1.1"
-    server: Any
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-        if self.path != "/v1/chat/completions":
-            self.send_error(404)
-            return
-        time.sleep(self.server.delay_s)  # calls stay in flight a while: their holds must count
-        payload = json.dumps(
-            {
-                "id": "chatcmpl-loopback",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body.get("model", "unknown"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "logprobs": None,
-                        "message": {"role": "assistant", "content": "ok", "refusal": None},
-                    }
-                ],
-                "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200},
-            }
-        ).encode()
-        with self.server.lock:
-            user = self.headers.get("x-user", "-")
-            self.server.answered[user] += 1
-            self.server.input_tokens[user] += 1000
-            self.server.output_tokens[user] += 200
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def served_usd(server: Any, user: str) -> Decimal:
     """The usage the server itself answered for ``user``, priced."""
     with server.lock:
@@ -173,18 +126,8 @@ def served_usd(server: Any, user: str) -> Decimal:
 @pytest.fixture
 def chat_server() -> Iterator[Any]:
     """A loopback chat-completions server counting the requests and tokens it answered."""
-    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    server.lock = threading.Lock()
-    server.answered = Counter()
-    server.input_tokens = Counter()
-    server.output_tokens = Counter()
-    server.delay_s = 0.0
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serve_chat() as server:
+        yield server
 
 
 def loopback_client(port: int, guard: Guard) -> Any:

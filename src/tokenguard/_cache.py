@@ -187,20 +187,12 @@ class CacheEntry:
 
     def to_json(self) -> bytes:
         """The stored form: zlib-compressed JSON (never pickle)."""
-        u = self.usage
         doc = {
             "v": KEY_SCHEMA,
             "status": self.status,
             "content_type": self.content_type,
             "body": base64.b64encode(self.body).decode("ascii"),
-            "usage": [
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_read_tokens,
-                u.cache_write_tokens,
-                u.cache_write_1h_tokens,
-                u.reasoning_tokens,
-            ],
+            "usage": list(self.usage.counts()),
             "cost_usd": None if self.cost_usd is None else format(self.cost_usd, "f"),
             "model": self.model,
             "stored_at": self.stored_at,

@@ -17,7 +17,18 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 from ._usage import Usage
 
-__all__ = ["OUTCOMES", "LedgerRow", "Outcome", "OutcomeRow", "OutcomeStore", "Stats", "Store", "matches_scope"]
+__all__ = [
+    "COUNTS",
+    "OUTCOMES",
+    "LedgerRow",
+    "Outcome",
+    "OutcomeRow",
+    "OutcomeStore",
+    "Stats",
+    "Store",
+    "counts_of",
+    "matches_scope",
+]
 
 Outcome = Literal["ok", "error", "incomplete", "cache_hit", "blocked"]
 OUTCOMES: Final = ("ok", "error", "incomplete", "cache_hit", "blocked")
@@ -85,48 +96,59 @@ class Stats:
     @classmethod
     def of(cls, rows: Iterable[LedgerRow]) -> Stats:
         """Add up ``rows`` (the reference every store's ``stats()`` must agree with)."""
-        acc = dict.fromkeys(
-            [
-                "calls",
-                "cache_hits",
-                "retries",
-                "attempts",
-                "loops_blocked",
-                "budget_blocks",
-                "blocked",
-                "input_tokens",
-                "output_tokens",
-                "errors",
-                "incomplete",
-                "estimated_calls",
-                "unpriced_calls",
-                "cache_read_tokens",
-                "cache_write_tokens",
-                "reasoning_tokens",
-            ],
-            0,
-        )
+        totals = [0] * len(COUNTS)
         spent = saved = Decimal(0)
         for row in rows:
-            acc["calls"] += 1
-            acc["cache_hits"] += row.outcome == "cache_hit"
-            acc["retries"] += max(row.attempts - 1, 0)
-            acc["attempts"] += row.attempts
-            acc["loops_blocked"] += row.outcome == "blocked" and row.error == "loop"
-            acc["budget_blocks"] += row.outcome == "blocked" and row.error == "budget"
-            acc["blocked"] += row.outcome == "blocked"
-            acc["errors"] += row.outcome == "error"
-            acc["incomplete"] += row.outcome == "incomplete"
-            acc["estimated_calls"] += row.estimated
-            acc["unpriced_calls"] += row.cost_usd is None and row.outcome in ("ok", "incomplete")
-            acc["input_tokens"] += row.usage.input_tokens
-            acc["output_tokens"] += row.usage.output_tokens
-            acc["cache_read_tokens"] += row.usage.cache_read_tokens
-            acc["cache_write_tokens"] += row.usage.cache_write_tokens
-            acc["reasoning_tokens"] += row.usage.reasoning_tokens
+            for i, value in enumerate(counts_of(row)):
+                totals[i] += value
             spent += row.cost_usd or 0
             saved += row.saved_usd or 0
-        return cls(spent_usd=spent, saved_usd=saved, **acc)
+        return cls(spent_usd=spent, saved_usd=saved, **dict(zip(COUNTS, totals, strict=True)))
+
+
+COUNTS: Final = (
+    "calls",
+    "cache_hits",
+    "retries",
+    "attempts",
+    "loops_blocked",
+    "budget_blocks",
+    "blocked",
+    "input_tokens",
+    "output_tokens",
+    "errors",
+    "incomplete",
+    "estimated_calls",
+    "unpriced_calls",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+"""The count fields of ``Stats``, in the order ``counts_of`` gives them."""
+
+
+def counts_of(row: LedgerRow) -> tuple[int, ...]:
+    """What one row adds to each of ``COUNTS`` (money aside)."""
+    u = row.usage
+    blocked = row.outcome == "blocked"
+    return (
+        1,
+        row.outcome == "cache_hit",
+        max(row.attempts - 1, 0),
+        row.attempts,
+        blocked and row.error == "loop",
+        blocked and row.error == "budget",
+        blocked,
+        u.input_tokens,
+        u.output_tokens,
+        row.outcome == "error",
+        row.outcome == "incomplete",
+        row.estimated,
+        row.cost_usd is None and row.outcome in ("ok", "incomplete"),
+        u.cache_read_tokens,
+        u.cache_write_tokens,
+        u.reasoning_tokens,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,15 +29,7 @@ class Usage:
 
     def __post_init__(self) -> None:
         # on the call path: one cheap pass, the slow lookup only to name a bad field
-        values = (
-            self.input_tokens,
-            self.output_tokens,
-            self.cache_read_tokens,
-            self.cache_write_tokens,
-            self.cache_write_1h_tokens,
-            self.reasoning_tokens,
-        )
-        for value in values:
+        for value in self.counts():
             if type(value) is not int or value < 0:
                 for field in dataclasses.fields(self):
                     bad = getattr(self, field.name)
@@ -61,6 +53,17 @@ class Usage:
         if type(other) is int and other == 0:
             return self
         return NotImplemented
+
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """The six counts in field order (``Usage(*usage.counts()) == usage``), as stores keep them."""
+        return (
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+            self.reasoning_tokens,
+        )
 
     @property
     def total_tokens(self) -> int:

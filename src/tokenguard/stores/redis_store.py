@@ -47,7 +47,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
-from .._ledger import LedgerRow, OutcomeRow, Stats, Store, matches_scope
+from .._ledger import COUNTS, LedgerRow, OutcomeRow, Stats, Store, counts_of, matches_scope
 from .._loops import Decision
 from .._periods import PERIODS, period_end
 from .._usage import Usage
@@ -386,47 +386,9 @@ def _unmoney3(dollars: int, nanos: int, attos: int) -> Decimal:
     return value.quantize(Decimal(1)) if value.as_tuple().exponent > 0 else value  # type: ignore[operator]
 
 
-_STAT_FIELDS: Final = (
-    "calls",
-    "cache_hits",
-    "retries",
-    "attempts",
-    "loops_blocked",
-    "budget_blocks",
-    "blocked",
-    "input_tokens",
-    "output_tokens",
-    "errors",
-    "incomplete",
-    "estimated_calls",
-    "unpriced_calls",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-)
-
-
 def _row_counts(row: LedgerRow) -> dict[str, int]:
-    """What one row adds to the running totals (the fields of ``Stats.of``, money split exactly)."""
-    counts = {
-        "calls": 1,
-        "cache_hits": row.outcome == "cache_hit",
-        "retries": max(row.attempts - 1, 0),
-        "attempts": row.attempts,
-        "loops_blocked": row.outcome == "blocked" and row.error == "loop",
-        "budget_blocks": row.outcome == "blocked" and row.error == "budget",
-        "blocked": row.outcome == "blocked",
-        "input_tokens": row.usage.input_tokens,
-        "output_tokens": row.usage.output_tokens,
-        "errors": row.outcome == "error",
-        "incomplete": row.outcome == "incomplete",
-        "estimated_calls": row.estimated,
-        "unpriced_calls": row.cost_usd is None and row.outcome in ("ok", "incomplete"),
-        "cache_read_tokens": row.usage.cache_read_tokens,
-        "cache_write_tokens": row.usage.cache_write_tokens,
-        "reasoning_tokens": row.usage.reasoning_tokens,
-    }
-    out = {name: int(value) for name, value in counts.items() if value}
+    """What one row adds to the running totals: ``counts_of`` and its money, split exactly."""
+    out = {name: int(value) for name, value in zip(COUNTS, counts_of(row), strict=True) if value}
     for name, money in (("spent", row.cost_usd), ("saved", row.saved_usd)):
         if money:
             for suffix, part in zip("dna", _money3(money), strict=True):
@@ -438,11 +400,10 @@ def _row_counts(row: LedgerRow) -> dict[str, int]:
 def _stats_of(totals: dict[str, int]) -> Stats:
     spent = _unmoney3(totals.get("spent_d", 0), totals.get("spent_n", 0), totals.get("spent_a", 0))
     saved = _unmoney3(totals.get("saved_d", 0), totals.get("saved_n", 0), totals.get("saved_a", 0))
-    return Stats(spent_usd=spent, saved_usd=saved, **{name: totals.get(name, 0) for name in _STAT_FIELDS})
+    return Stats(spent_usd=spent, saved_usd=saved, **{name: totals.get(name, 0) for name in COUNTS})
 
 
 def _row_json(row: LedgerRow) -> bytes:
-    u = row.usage
     return json.dumps(
         [
             row.ts.timestamp(),
@@ -450,14 +411,7 @@ def _row_json(row: LedgerRow) -> bytes:
             row.endpoint,
             row.model,
             dict(row.scope),
-            [
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_read_tokens,
-                u.cache_write_tokens,
-                u.cache_write_1h_tokens,
-                u.reasoning_tokens,
-            ],
+            row.usage.counts(),
             None if row.cost_usd is None else format(row.cost_usd, "f"),
             None if row.saved_usd is None else format(row.saved_usd, "f"),
             row.estimated,
