@@ -582,8 +582,8 @@ class RedisStore(WriteBehind):
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
             ``unix:///path/redis.sock?db=0``, with tokenguard's options in the query string
             (they override the keyword arguments): ``prefix``, ``on_failure``, ``timeout``,
-            ``rows``, ``days``, ``retry_s``, and ``cluster=true`` for a Redis Cluster (any
-            node's address). Other query options go to redis-py.
+            ``rows``, ``days``, ``retry_s``, ``ledger``, and ``cluster=true`` for a Redis
+            Cluster (any node's address). Other query options go to redis-py.
         prefix: the namespace of every key (processes share state only under the same prefix).
         on_failure: ``"closed"`` (refuse calls under a budget while Redis is unreachable) or
             ``"open"`` (fall back to this process's memory, with an error in the log).
@@ -628,14 +628,10 @@ class RedisStore(WriteBehind):
         self.max_rows = int(_option(options, "rows", max_rows, 1000, 10**9))
         ledger = options.get("ledger", ledger)
         self._ledger: Store | None = None
-        if ledger != "redis":
-            if not isinstance(ledger, str) or not ledger.startswith(("sqlite:///", "memory://")):
-                raise ConfigurationError(
-                    "store ?ledger=", ledger, "must be redis (the default), sqlite:///path.db or memory://"
-                )
-            from . import open_store
-
-            self._ledger = open_store(ledger)
+        if ledger != "redis" and (not isinstance(ledger, str) or not ledger.startswith(("sqlite:///", "memory://"))):
+            raise ConfigurationError(
+                "store ?ledger=", ledger, "must be redis (the default), sqlite:///path.db or memory://"
+            )
         self.days = int(_option(options, "days", days, 1, 100_000))
         self.retry_s = _option(options, "retry_s", retry_s, 0, 3600)
         cluster = options.get("cluster", "false").lower()
@@ -685,11 +681,16 @@ class RedisStore(WriteBehind):
                 raise StoreUnavailable("store", self.url, f"cannot reach Redis: {err}") from None
             with contextlib.suppress(StoreUnavailable):
                 self._call("connecting", self._client.ping)  # starts the outage: logged, fallback on
+        if ledger != "redis":
+            from . import open_store
+
+            self._ledger = open_store(ledger)
 
     def _after_fork(self) -> None:
+        # (redis-py's pools notice the fork themselves and open the child's own connections)
         super()._after_fork()
         self._state_lock = threading.Lock()
-        self._client.connection_pool.reset()
+        self._generations = {}
         self._fallback = None
         self._local_claims = {}
         self._owed = []
