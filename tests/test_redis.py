@@ -49,7 +49,7 @@ from tokenguard._cache import CacheEntry
 from tokenguard._ledger import LedgerRow, Stats
 from tokenguard._usage import Usage
 from tokenguard.providers.openai import CHAT, OpenAIAdapter
-from tokenguard.stores import redis_store
+from tokenguard.stores import MemoryStore, redis_store
 from tokenguard.stores.redis_store import RedisStore
 from tokenguard.testing import FakeLLM, Reply
 
@@ -1155,3 +1155,73 @@ def test_a_unix_socket_url_reaches_redis(tmp_path: Path) -> None:
         g.close()
     finally:
         server.stop()
+
+
+def test_report_reaches_past_the_stream_through_daily_tallies(redis_server: RedisServer) -> None:
+    """With ?rows=1000 and 3,000 rows over six days, `tokenguard report` (build_report) gives the
+    same groups as over every row — by user, team, model, outcome, day and month — though the
+    stream holds a third of them: the older days come from their daily tallies. The CLI says
+    so, and that a --since in the middle of such a day takes in the whole day."""
+    from click.testing import CliRunner
+
+    from tokenguard._report import build_report
+    from tokenguard.cli import main as cli
+
+    url = redis_server.fresh_url(rows="1000")
+    store = RedisStore(url)
+    start = datetime.now(UTC) - timedelta(days=5)
+    rows = [
+        LedgerRow(
+            ts=start + timedelta(minutes=7 * i),
+            vendor="openai",
+            endpoint="chat.completions",
+            model=f"m{i % 2}",
+            scope=MappingProxyType({"user": f"u{i % 3}", "team": f"t{i % 2}"}),
+            usage=Usage(input_tokens=100 + i, output_tokens=i % 9),
+            cost_usd=None if i % 13 == 0 else Decimal("0.000001234567") * i,
+            saved_usd=Decimal("0.00002") if i % 4 == 0 else None,
+            outcome="cache_hit" if i % 4 == 0 else ("blocked" if i % 17 == 0 else "ok"),
+            error="loop" if i % 4 and i % 17 == 0 else None,
+            attempts=0 if i % 4 == 0 else 1 + i % 3,
+            estimated=i % 11 == 0,
+        )
+        for i in range(1000)
+    ]
+    rows += [
+        LedgerRow(
+            ts=datetime.now(UTC) - timedelta(seconds=2000 - i),
+            vendor="openai",
+            endpoint="chat.completions",
+            model="m0",
+            scope=MappingProxyType({"user": "u9", "team": "t0"}),
+            usage=Usage(5, 1),
+            cost_usd=Decimal("0.000002"),
+        )
+        for i in range(2000)
+    ]
+    reference = MemoryStore()
+    for row in rows:
+        store.record(row)
+        reference.record(row)
+    store.flush()
+    assert store.summarised_before() is not None  # the stream was trimmed
+
+    def exact(data: Any) -> Any:  # money as Decimal: "0.004" and "0.004000" are the same amount
+        if isinstance(data, dict):
+            return {k: Decimal(v) if k.endswith("_usd") and v is not None else exact(v) for k, v in data.items()}
+        return [exact(v) for v in data] if isinstance(data, list) else data
+
+    for by in (["user"], ["team", "model"], ["outcome"], ["day"], ["month", "user"]):
+        got = exact(build_report(store, by=by).as_dict())
+        want = exact(build_report(reference, by=by).as_dict())
+        assert got["groups"] == want["groups"], by
+        assert got["total"] == want["total"], by
+        assert got["daily"] == want["daily"], by
+    assert len(list(store.rows())) < 1500  # the stream alone could not have said this
+
+    mid_day = (start + timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+    result = CliRunner().invoke(cli, ["report", "--store", url, "--since", mid_day.isoformat(), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert "daily totals" in result.stderr
+    assert "count whole" in result.stderr
+    store.close()

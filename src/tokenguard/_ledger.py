@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Final, Literal, Protocol, runtime_checkable
+from typing import Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._usage import Usage
 
@@ -26,6 +26,7 @@ __all__ = [
     "OutcomeStore",
     "Stats",
     "Store",
+    "Tally",
     "counts_of",
     "matches_scope",
 ]
@@ -177,6 +178,20 @@ class OutcomeStore(Protocol):
         scope: Mapping[str, str] | None = None,
     ) -> Iterator[OutcomeRow]:
         """The matching outcomes, oldest first (``since`` inclusive, ``until`` exclusive)."""
+
+
+class Tally(NamedTuple):
+    """What a run of calls that share their labels (vendor, endpoint, model, scope, outcome,
+    error) adds up to: a store that keeps only daily summaries of old calls reports those."""
+
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    retries: int
+    estimated: int
+    unpriced: int
+    spent_usd: Decimal
+    saved_usd: Decimal
 
 
 def matches_scope(row_scope: Mapping[str, str], wanted: Mapping[str, str]) -> bool:

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from ._errors import ConfigurationError
-from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store
+from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store, Tally
 from .stores._url import redact as _redact
 
 __all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
@@ -72,26 +72,39 @@ class Group:
         answered = self.sent - self.errors + self.cache_hits
         return self.cache_hits / answered if answered else None
 
-    def add(self, row: LedgerRow) -> None:
-        self.calls += 1
+    def add(self, row: LedgerRow, tally: Tally | None = None) -> None:
+        """Count one call, or (with ``tally``) the run of calls with ``row``'s labels it sums."""
         outcome = row.outcome
-        self.cache_hits += outcome == "cache_hit"
-        self.sent += outcome not in ("cache_hit", "blocked")
-        self.errors += outcome == "error"
+        if tally is None:
+            tally = Tally(
+                1,
+                row.usage.input_tokens,
+                row.usage.output_tokens,
+                max(row.attempts - 1, 0),
+                int(row.estimated),
+                int(row.cost_usd is None and outcome in ("ok", "incomplete")),
+                row.cost_usd or Decimal(0),
+                row.saved_usd or Decimal(0),
+            )
+        calls = tally.calls
+        self.calls += calls
+        self.cache_hits += calls if outcome == "cache_hit" else 0
+        self.sent += calls if outcome not in ("cache_hit", "blocked") else 0
+        self.errors += calls if outcome == "error" else 0
         if outcome == "blocked":
             if row.error == "loop":
-                self.loops_blocked += 1
+                self.loops_blocked += calls
             elif row.error == "budget":
-                self.budget_blocks += 1
+                self.budget_blocks += calls
             else:
-                self.other_blocks += 1
-        self.spent_usd += row.cost_usd or 0
-        self.saved_usd += row.saved_usd or 0
-        self.input_tokens += row.usage.input_tokens
-        self.output_tokens += row.usage.output_tokens
-        self.retries += max(row.attempts - 1, 0)
-        self.estimated += row.estimated
-        self.unpriced += row.cost_usd is None and outcome in ("ok", "incomplete")
+                self.other_blocks += calls
+        self.spent_usd += tally.spent_usd
+        self.saved_usd += tally.saved_usd
+        self.input_tokens += tally.input_tokens
+        self.output_tokens += tally.output_tokens
+        self.retries += tally.retries
+        self.estimated += tally.estimated
+        self.unpriced += tally.unpriced
 
     def as_dict(self, by: Sequence[str]) -> dict[str, Any]:
         """The group as plain JSON-able data (money as strings: exact)."""
@@ -260,23 +273,32 @@ def build_report(
     now: datetime | None = None,
 ) -> Report:
     """Add up the store's rows (and outcomes) in ``[since, until)`` matching ``scope``,
-    grouped by ``by``. ``progress`` is called with the rows read so far, every 10,000."""
+    grouped by ``by``. ``progress`` is called with the rows read so far, every 10,000.
+
+    A store that keeps single rows for a recent window only (Redis) hands older calls over as
+    daily tallies (``report_source``): those days count whole."""
     names = check_by(by)
     since, until = _utc(since), _utc(until)
     labels = [_label(n) for n in names]
     groups: dict[tuple[str, ...], Group] = {}
     total = Group(key=tuple("(all)" for _ in names))
     daily: dict[date, list[Decimal]] = {}
-    for i, row in enumerate(store.rows(since=since, until=until, scope=dict(scope or {}))):
+    source: Iterable[tuple[LedgerRow, Tally | None]]
+    report_source = getattr(store, "report_source", None)
+    if report_source is not None:
+        source = report_source(since=since, until=until, scope=dict(scope or {}))
+    else:
+        source = ((row, None) for row in store.rows(since=since, until=until, scope=dict(scope or {})))
+    for i, (row, tally) in enumerate(source):
         key = tuple(label(row) for label in labels)
         group = groups.get(key)
         if group is None:
             group = groups[key] = Group(key=key)
-        group.add(row)
-        total.add(row)
+        group.add(row, tally)
+        total.add(row, tally)
         day = daily.setdefault(row.ts.astimezone(UTC).date(), [Decimal(0), Decimal(0)])
-        day[0] += row.cost_usd or 0
-        day[1] += row.saved_usd or 0
+        day[0] += (row.cost_usd or 0) if tally is None else tally.spent_usd
+        day[1] += (row.saved_usd or 0) if tally is None else tally.saved_usd
         if progress is not None and (i + 1) % 10_000 == 0:
             progress(i + 1)
     if isinstance(store, OutcomeStore):

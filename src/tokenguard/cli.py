@@ -208,7 +208,7 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
             until=end,
             progress=lambda n: status.update(f"reading the ledger… {n:,} rows"),
         )
-    _retention_note(opened, start, Console(stderr=True))
+    _retention_note(opened, start, end, Console(stderr=True))
     if fmt == "json":
         click.echo(result.to_json())
     elif fmt == "csv":
@@ -226,17 +226,26 @@ def report(store: str | None, by: str, since: str | None, until: str | None, fmt
     opened.close()
 
 
-def _retention_note(store: Any, since: datetime | None, console: Console) -> None:
-    """Say so when a Redis ledger no longer holds every row the report asked for."""
-    retention = getattr(store, "retention", None)
-    if retention is None:
+def _retention_note(store: Any, since: datetime | None, until: datetime | None, console: Console) -> None:
+    """Say so when a Redis ledger reported earlier days from its daily tallies."""
+    summarised_before = getattr(store, "summarised_before", None)
+    if summarised_before is None:
         return
-    _, oldest, trimmed = retention()
-    if trimmed and oldest is not None and (since is None or since < oldest):
-        console.print(
-            f"note: the Redis ledger keeps single rows for the last {store.max_rows:,} calls (those recorded "
-            f"since {oldest:%Y-%m-%d %H:%M} UTC); earlier calls count in guard.stats() and spent(), not here"
-        )
+    boundary = summarised_before()
+    if boundary is None or (since is not None and since >= boundary):
+        return
+    partial = [
+        f"{name} {when:%Y-%m-%d %H:%M}"
+        for name, when in (("--since", since), ("--until", until))
+        if when is not None
+        and when < boundary
+        and (when.hour, when.minute, when.second, when.microsecond) != (0, 0, 0, 0)
+    ]
+    console.print(
+        f"note: the Redis ledger keeps single rows for its last {store.max_rows:,} calls; calls before "
+        f"{boundary:%Y-%m-%d} are reported from its daily totals"
+        + (f", whole days (so the days of {' and '.join(partial)} count whole)" if partial else "")
+    )
 
 
 @main.command(

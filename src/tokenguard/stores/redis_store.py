@@ -12,11 +12,13 @@ Every process on every host that names the same Redis (and prefix) enforces the 
   written by two scripts with a version check (compare-and-set), retried on a conflict.
 * **Ledger**: rows go to a capped stream (``max_rows``, default 500,000, trimmed
   approximately) written behind the call like SQLite's, and into running totals per hour
-  (kept 48 hours), per day (kept ``days``, default 400) and for all time — for all calls
+  (kept 48 hours), per day (kept ``days``, default 100) and for all time — for all calls
   and for each ``attribute=value`` of their scope. ``spent()`` and ``stats()`` read the
   totals (filters on none or one scope attribute, any period) or, for filters on several
   attributes, the stream — if it still holds the period, else a clear error says so.
-  ``rows()`` (and so ``tokenguard report``) reads the stream.
+  ``rows()`` reads the stream; ``tokenguard report`` reads it too, and, for the days before
+  it holds every row, a daily tally per set of labels (vendor, endpoint, model, scope,
+  outcome), kept ``days``.
 * **Failure policy** (``on_failure``): ``"closed"`` (default) — with Redis unreachable a
   budget cannot be checked, so a call under a budget is refused with ``StoreUnavailable``
   and nothing is sent. ``"open"`` — the budgets and loop checks of this process fall back
@@ -47,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from .._budget import Claim, Fired, Refusal, Totals, crossed, from_nano, to_nano
 from .._errors import ConfigurationError, StoreUnavailable
-from .._ledger import COUNTS, LedgerRow, OutcomeRow, Stats, Store, counts_of, matches_scope
+from .._ledger import COUNTS, LedgerRow, OutcomeRow, Stats, Store, Tally, counts_of, matches_scope
 from .._loops import Decision
 from .._periods import PERIODS, period_end
 from .._usage import Usage
@@ -397,6 +399,64 @@ def _row_counts(row: LedgerRow) -> dict[str, int]:
     return out
 
 
+def _tally_counts(row: LedgerRow) -> dict[str, int]:
+    """What one row adds to its day's tally (``Tally``'s fields, money split exactly)."""
+    out = {
+        "calls": 1,
+        "input_tokens": row.usage.input_tokens,
+        "output_tokens": row.usage.output_tokens,
+        "retries": max(row.attempts - 1, 0),
+        "estimated": int(row.estimated),
+        "unpriced": int(row.cost_usd is None and row.outcome in ("ok", "incomplete")),
+    }
+    for name, money in (("spent", row.cost_usd), ("saved", row.saved_usd)):
+        if money:
+            out.update(zip((f"{name}_d", f"{name}_n", f"{name}_a"), _money3(money), strict=True))
+    return {k: v for k, v in out.items() if v}
+
+
+def _tallies(
+    day: datetime, fields: Mapping[bytes, bytes], scope: Mapping[str, str] | None
+) -> Iterator[tuple[LedgerRow, Tally]]:
+    """A day's tallies (its hash: group id -> labels, ``<group id>:<field>`` -> count) as
+    (a row carrying the labels, its tally), those matching ``scope`` only."""
+    counts: dict[str, dict[str, int]] = {}
+    labels: dict[str, str] = {}
+    for raw_name, raw_value in fields.items():
+        gid, sep, field = raw_name.decode().partition(":")
+        if sep:
+            counts.setdefault(gid, {})[field] = int(raw_value)
+        else:
+            labels[gid] = raw_value.decode()
+    for gid, label in sorted(labels.items()):
+        vendor, endpoint, model, outcome, error, items = json.loads(label)
+        row = LedgerRow(
+            ts=day,
+            vendor=vendor,
+            endpoint=endpoint,
+            model=model,
+            scope=MappingProxyType(dict(items)),
+            outcome=outcome,
+            error=error,
+        )
+        if scope and not matches_scope(row.scope, scope):
+            continue
+        c = counts.get(gid, {})
+        yield (
+            row,
+            Tally(
+                c.get("calls", 0),
+                c.get("input_tokens", 0),
+                c.get("output_tokens", 0),
+                c.get("retries", 0),
+                c.get("estimated", 0),
+                c.get("unpriced", 0),
+                _unmoney3(c.get("spent_d", 0), c.get("spent_n", 0), c.get("spent_a", 0)),
+                _unmoney3(c.get("saved_d", 0), c.get("saved_n", 0), c.get("saved_a", 0)),
+            ),
+        )
+
+
 def _stats_of(totals: dict[str, int]) -> Stats:
     spent = _unmoney3(totals.get("spent_d", 0), totals.get("spent_n", 0), totals.get("spent_a", 0))
     saved = _unmoney3(totals.get("saved_d", 0), totals.get("saved_n", 0), totals.get("saved_a", 0))
@@ -589,7 +649,7 @@ class RedisStore(WriteBehind):
             ``"open"`` (fall back to this process's memory, with an error in the log).
         timeout_s: the connect and command timeout.
         max_rows: the ledger stream's length (approximate: Redis trims whole nodes).
-        days: how long the per-day totals are kept.
+        days: how long the per-day totals and the reports' daily tallies are kept.
         retry_s: after a failure, Redis is not tried again for this long.
         write_behind_s: ledger rows are written in batches this often (0: every row at once).
         ledger: where the ledger rows go: ``"redis"`` (the stream and running totals), or a
@@ -607,7 +667,7 @@ class RedisStore(WriteBehind):
         on_failure: str = "closed",
         timeout_s: float = 0.5,
         max_rows: int = 500_000,
-        days: int = 400,
+        days: int = 100,
         retry_s: float = 1.0,
         write_behind_s: float = 0.05,
         ledger: str = "redis",
@@ -1191,6 +1251,7 @@ class RedisStore(WriteBehind):
         now = time.time()
         totals: dict[str, dict[str, int]] = {}
         expiry: dict[str, int | None] = {}
+        labels: dict[str, dict[str, str]] = {}  # daily tallies: hash -> {group id: its labels}
         for row in rows:
             counts = _row_counts(row)
             facets = ["*", *(f"{k}={v}" for k, v in row.scope.items())]
@@ -1201,12 +1262,27 @@ class RedisStore(WriteBehind):
                     acc = totals.setdefault(name, {})
                     for field, value in counts.items():
                         acc[field] = acc.get(field, 0) + value
+                if bucket.startswith("d:"):  # the day's tally of calls with the same labels
+                    name = self._k("r", bucket[2:])
+                    expiry[name] = at
+                    label = json.dumps(
+                        [row.vendor, row.endpoint, row.model, row.outcome, row.error, sorted(row.scope.items())],
+                        separators=(",", ":"),
+                    )
+                    gid = hashlib.sha1(label.encode(), usedforsecurity=False).hexdigest()[:16]
+                    labels.setdefault(name, {})[gid] = label
+                    acc = totals.setdefault(name, {})
+                    for field, value in _tally_counts(row).items():
+                        acc[f"{gid}:{field}"] = acc.get(f"{gid}:{field}", 0) + value
 
         def op() -> None:
             pipe = self._client.pipeline(transaction=False)
             stream = self._k("rows")
             for row in rows:
                 pipe.xadd(stream, {"r": _row_json(row)}, maxlen=self.max_rows, approximate=True)
+            for name, known in labels.items():
+                for gid, label in known.items():
+                    pipe.hsetnx(name, gid, label)
             for name, acc in totals.items():
                 for field, value in acc.items():
                     pipe.hincrby(name, field, value)
@@ -1273,6 +1349,52 @@ class RedisStore(WriteBehind):
             return found
 
         yield from self._read("reading the ledger", op)
+
+    def summarised_before(self) -> datetime | None:
+        """Where reports switch from daily tallies to single rows: the start of the first whole
+        day (UTC) the stream holds every row of, or ``None`` when it holds them all."""
+        _, kept_since, trimmed = self.retention()
+        if not trimmed or kept_since is None:
+            return None
+        edge = kept_since + timedelta(seconds=_SKEW_S)
+        return edge.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+
+    def report_source(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        scope: Mapping[str, str] | None = None,
+    ) -> Iterator[tuple[LedgerRow, Tally | None]]:
+        """What ``tokenguard report`` adds up: the days before the stream holds every row as
+        daily tallies (one per day and set of labels: vendor, endpoint, model, scope, outcome;
+        such a day counts whole), then the rows the stream holds, one by one."""
+        if self._ledger is not None:
+            yield from ((row, None) for row in self._ledger.rows(since=since, until=until, scope=scope))
+            return
+        boundary = self.summarised_before()
+        if boundary is not None and (since is None or since < boundary):
+            first = (since or datetime.now(UTC) - timedelta(days=self.days)).astimezone(UTC)
+            day = first.replace(hour=0, minute=0, second=0, microsecond=0)
+            last = boundary if until is None else min(boundary, until)
+            days: list[datetime] = []
+            while day < last:
+                days.append(day)
+                day += timedelta(days=1)
+            for chunk in range(0, len(days), 50):
+                batch = days[chunk : chunk + 50]
+
+                def op(batch: list[datetime] = batch) -> list[Any]:
+                    pipe = self._client.pipeline(transaction=False)
+                    for when in batch:
+                        pipe.hgetall(self._k("r", f"{when:%Y%m%d}"))
+                    result: list[Any] = pipe.execute()
+                    return result
+
+                for when, fields in zip(batch, self._read("reading the daily tallies", op), strict=True):
+                    yield from _tallies(when, fields, scope)
+            since = boundary
+        yield from ((row, None) for row in self.rows(since=since, until=until, scope=scope))
 
     def retention(self) -> tuple[int, datetime | None, bool]:
         """The rows the stream holds; since when it holds every row *recorded* (by the Redis
