@@ -1225,3 +1225,27 @@ def test_report_reaches_past_the_stream_through_daily_tallies(redis_server: Redi
     assert "daily totals" in result.stderr
     assert "count whole" in result.stderr
     store.close()
+
+
+def test_open_policy_fallback_starts_from_where_the_fleet_stood(own_redis: RedisServer) -> None:
+    """on_failure=open: when Redis dies, this process's fallback starts from the spend it last
+    saw in Redis (spent plus held), not from zero: $0.80 of a $1 cap spent, Redis killed, a
+    $0.30 reservation is refused locally and a $0.10 one is held."""
+    store = RedisStore(own_redis.fresh_url(on_failure="open", timeout="0.2"))
+    owner = ("host-a", os.getpid())
+    t = time.time()
+
+    def claim(usd: str) -> Claim:
+        return Claim("seeded|", 0.0, Decimal(usd), 0, Decimal(1), None, True, (), "total")
+
+    first = claim("0.8")
+    assert store.reserve([first], owner=owner, expires_at=t + 900, now=t) is None
+    store.settle([([first], [claim("0.8")])], owner=owner, now=t)
+    assert store.reserve([claim("0.05")], owner=owner, expires_at=t + 900, now=t) is None  # seen: 0.8 + 0.05
+    own_redis.kill()
+    refused = store.reserve([claim("0.3")], owner=owner, expires_at=t + 900, now=t)
+    assert store.degraded
+    assert refused is not None
+    assert refused.totals.spent_usd == Decimal("0.85")
+    assert store.reserve([claim("0.1")], owner=owner, expires_at=t + 900, now=t) is None
+    store.close()

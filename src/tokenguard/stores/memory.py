@@ -146,6 +146,14 @@ class MemoryStore:
         spent, held, spent_tokens, held_tokens = self._spend.get((key, period), (Decimal(0), Decimal(0), 0, 0))
         return Totals(spent, held, spent_tokens, held_tokens)
 
+    def seed(self, key: str, period_start: float, spent_usd: Decimal, spent_tokens: int) -> None:
+        """Start a budget key's period from amounts already spent elsewhere (a Redis store's
+        fail-open fallback starts from where the fleet stood)."""
+        with self._lock:
+            counter = self._counter(key, period_start)
+            counter[0] += spent_usd
+            counter[2] += spent_tokens
+
     def reserve(
         self, claims: Sequence[Claim], *, owner: tuple[str, int], expires_at: float, now: float
     ) -> Refusal | None:

@@ -117,7 +117,8 @@ end
 # expire-at ('' never), limit dollars, limit nanos, limit tokens ('' for no limit); then per call: the
 # number c of its claims and c (key index, dollars, nanos, tokens). Each call is all-or-nothing, in
 # order. Returns seven values per call: 0 when held, else the index (in the call) of the first claim
-# that does not fit and its key's sd, sn, hd, hn, st, ht; then per key this owner's hold generation.
+# that does not fit and its key's sd, sn, hd, hn, st, ht; then per key this owner's hold generation
+# and the key's sd, sn, hd, hn, st, ht after the script.
 _LUA_RESERVE: Final = (
     _LUA_COMMON
     + """
@@ -191,6 +192,10 @@ for k = 1, #KEYS do
     if s.new and s.at ~= '' then redis.call('EXPIREAT', KEYS[k], s.at) end
   end
   out[#out+1] = s.g or ''
+  -- where the key stands now (spent and held, with this script's holds): a fail-open fallback
+  -- starts from it
+  local hd, hn = norm(s.hd + s.dd, s.hn + s.dn)
+  for _, v in ipairs({fmt(s.sd), fmt(s.sn), fmt(hd), fmt(hn), fmt(s.st), fmt(s.ht + s.dt)}) do out[#out+1] = v end
 end
 return out
 """
@@ -730,6 +735,7 @@ class RedisStore(WriteBehind):
         self._marked: set[tuple[str, float, float]] = set()
         self._bkey_names: dict[tuple[str, float], str] = {}
         self._generations: dict[int, bytes] = {}  # id(held claim) -> its hold's generation
+        self._last_seen: dict[tuple[str, float], Totals] = {}  # per budget key, after this process's last reservation
         # on a Cluster a call's claims may span slots: each is sent on its own
         self._batcher = None if self.cluster else _Batcher(self._reserve_many)
         self._start_write_behind(write_behind_s)
@@ -820,9 +826,15 @@ class RedisStore(WriteBehind):
             log.warning("tokenguard: %d settle(s) made during the outage were added to Redis", len(owed))
 
     def _local(self) -> MemoryStore:
+        """The fail-open fallback: this process's memory, starting where the fleet stood when
+        this process last saw each budget key (spent plus held, as spent: on the safe side)."""
         with self._state_lock:
             if self._fallback is None:
                 self._fallback = MemoryStore()
+                for (key, start), totals in self._last_seen.items():
+                    self._fallback.seed(
+                        key, start, totals.spent_usd + totals.held_usd, totals.spent_tokens + totals.held_tokens
+                    )
             return self._fallback
 
     @property
@@ -933,7 +945,14 @@ class RedisStore(WriteBehind):
         # a script called directly (EVALSHA, loaded on NOSCRIPT): in a pipeline redis-py would
         # ask SCRIPT EXISTS first, a second round trip per call
         reply = self._scripts["reserve"](keys=keys, args=head + body)
-        generations = reply[7 * len(asks) :]
+        tail = reply[7 * len(asks) :]
+        generations = tail[::7]
+        with self._state_lock:
+            if len(self._last_seen) > 100_000:
+                self._last_seen.clear()
+            for ident, k in slots.items():
+                sd, sn, hd, hn, st, ht = (int(v) for v in tail[7 * (k - 1) + 1 : 7 * k])
+                self._last_seen[ident] = Totals(from_nano(sd * _B + sn), from_nano(hd * _B + hn), st, ht)
         results: list[Refusal | None] = []
         for i, claims in enumerate(asks):
             first, sd, sn, hd, hn, st, ht = (int(v) for v in reply[7 * i : 7 * i + 7])
