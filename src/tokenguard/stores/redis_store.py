@@ -1033,7 +1033,7 @@ class RedisStore(WriteBehind):
             for claim in held:
                 ident = (claim.key, claim.period_start)
                 with self._state_lock:
-                    generation = self._generations.pop(id(claim), b"")
+                    generation = self._generations.get(id(claim), b"")
                 acc = released.setdefault(ident, {}).setdefault(generation, [0, 0])
                 acc[0] += to_nano(claim.usd)
                 acc[1] += claim.tokens
@@ -1065,6 +1065,12 @@ class RedisStore(WriteBehind):
                     usd = from_nano(int(reply[i]) * _B + int(reply[i + 1]))
                     adds.append(((usd, int(reply[i + 2])), claim))
                     i += 3
+        # settled: their generations are done with (kept when the script failed, so that the
+        # replay after an outage still knows them)
+        with self._state_lock:
+            for held, _ in batch:
+                for claim in held:
+                    self._generations.pop(id(claim), None)
         self._index([claim for _, claim in adds])
         candidates: list[tuple[Claim, float, Decimal, int]] = []
         for (usd, tokens), claim in adds:
