@@ -1249,3 +1249,35 @@ def test_open_policy_fallback_starts_from_where_the_fleet_stood(own_redis: Redis
     assert refused.totals.spent_usd == Decimal("0.85")
     assert store.reserve([claim("0.1")], owner=owner, expires_at=t + 900, now=t) is None
     store.close()
+
+
+def test_an_operation_under_way_when_redis_failed_does_not_end_the_outage(redis_url: str) -> None:
+    """Two threads: one's command is under way when another's fails. The slow one succeeding
+    proves nothing about Redis now, so the outage goes on (and the settles it owes stay owed
+    until an operation begun after the failure succeeds) — ending it early had left those
+    settles unreplayed for good."""
+    store = RedisStore(redis_url + "&on_failure=open&retry_s=0.2")
+    under_way = threading.Event()
+    release = threading.Event()
+
+    def slow() -> int:
+        under_way.set()
+        release.wait(10)
+        return 1
+
+    def failing() -> int:
+        raise redis.ConnectionError("connection reset")
+
+    slow_call = threading.Thread(target=lambda: store._call("a slow command", slow))
+    slow_call.start()
+    under_way.wait(10)
+    with pytest.raises(StoreUnavailable):
+        store._call("a failing command", failing)
+    assert store.degraded
+    release.set()
+    slow_call.join(10)
+    assert store.degraded  # still down: the slow command began before the failure
+    time.sleep(0.25)  # past retry_s
+    assert store._call("a fresh command", lambda: 2) == 2
+    assert not store.degraded
+    store.close()

@@ -725,6 +725,7 @@ class RedisStore(WriteBehind):
         self._state_lock = threading.Lock()
         self._down_until = 0.0
         self._down_since: float | None = None
+        self._down_mono = 0.0  # time.monotonic() when the operation that found Redis down began
         self._last_error = ""
         self._fallback: MemoryStore | None = None
         self._local_claims: dict[int, Claim] = {}  # claims held by the fallback, by identity
@@ -771,7 +772,8 @@ class RedisStore(WriteBehind):
     def _call(self, what: str, op: Callable[[], T]) -> T:
         """Run ``op`` against Redis; a failure becomes ``StoreUnavailable`` and keeps Redis
         untried for ``retry_s`` (calls fail fast meanwhile)."""
-        if self._down_until > time.monotonic():
+        started = time.monotonic()
+        if self._down_until > started:
             raise StoreUnavailable(
                 "store", self.url, f"Redis is unreachable ({self._last_error}); {what} was not attempted"
             )
@@ -784,9 +786,12 @@ class RedisStore(WriteBehind):
                     self._last_error = f"{type(err).__name__}: {err}"
                     if self._down_since is None:
                         self._down_since = time.time()
+                        self._down_mono = started
                         self._outage_started()
             raise StoreUnavailable("store", self.url, f"Redis failed during {what}: {err}") from err
-        if self._down_since is not None:
+        # Redis is back only for an operation that began after the outage did (one that was
+        # already under way when another failed proves nothing); settles owed are replayed then
+        if (self._down_since is not None or self._owed) and started > self._down_mono:
             self._outage_ended()
         return result
 
@@ -808,13 +813,12 @@ class RedisStore(WriteBehind):
 
     def _outage_ended(self) -> None:
         with self._state_lock:
-            if self._down_since is None:
-                return
-            lasted = time.time() - self._down_since
-            self._down_since = None
+            since, self._down_since = self._down_since, None
             owed, self._owed = self._owed, []
-            self._fallback = None
-        log.warning("tokenguard: Redis at %s is reachable again after %.1f s", self.url, lasted)
+            if since is not None:
+                self._fallback = None
+        if since is not None:
+            log.warning("tokenguard: Redis at %s is reachable again after %.1f s", self.url, time.time() - since)
         owner = self._owner
         if owed and owner is not None:
             try:
