@@ -366,18 +366,13 @@ class _RedisBackend:
     remote = True
 
     def __init__(self, url: str) -> None:
-        from .stores.redis_store import redis_client, split_url
+        from .stores.redis_store import redis_client, split_url, url_number, url_switch
 
         target, options = split_url(url)
         prefix = options.get("prefix", "tokenguard")
-        try:
-            timeout_s = float(options.get("timeout", "0.25"))
-        except ValueError:
-            raise ConfigurationError(
-                "Cache.backend", redact(url), "its ?timeout= must be a number of seconds"
-            ) from None
+        timeout_s = url_number(options, "timeout", 0.25, 0.001, 60, setting="Cache.backend")
         self._prefix = f"{prefix}:c:"
-        cluster = options.get("cluster", "false").lower() in ("true", "1", "yes")
+        cluster = url_switch(options, "cluster", setting="Cache.backend")
         self._client = redis_client(target, timeout_s=timeout_s, cluster=cluster)
         import redis
 

@@ -57,7 +57,7 @@ from ._url import redact
 from ._writebehind import WriteBehind
 from .memory import MemoryStore
 
-__all__ = ["RedisStore", "close_client", "redis_client", "split_url"]
+__all__ = ["RedisStore", "close_client", "redis_client", "split_url", "url_number", "url_switch"]
 
 log = logging.getLogger("tokenguard")
 T = TypeVar("T")
@@ -394,7 +394,8 @@ def _unmoney3(dollars: int, nanos: int, attos: int) -> Decimal:
 
 
 def _row_counts(row: LedgerRow) -> dict[str, int]:
-    """What one row adds to the running totals: ``counts_of`` and its money, split exactly."""
+    """What one row adds to the running totals (its non-zero ``counts_of``, and its money split
+    exactly into ``spent_d/_n/_a`` and ``saved_d/_n/_a``)."""
     out = {name: int(value) for name, value in zip(COUNTS, counts_of(row), strict=True) if value}
     for name, money in (("spent", row.cost_usd), ("saved", row.saved_usd)):
         if money:
@@ -404,20 +405,16 @@ def _row_counts(row: LedgerRow) -> dict[str, int]:
     return out
 
 
-def _tally_counts(row: LedgerRow) -> dict[str, int]:
-    """What one row adds to its day's tally (``Tally``'s fields, money split exactly)."""
-    out = {
-        "calls": 1,
-        "input_tokens": row.usage.input_tokens,
-        "output_tokens": row.usage.output_tokens,
-        "retries": max(row.attempts - 1, 0),
-        "estimated": int(row.estimated),
-        "unpriced": int(row.cost_usd is None and row.outcome in ("ok", "incomplete")),
-    }
-    for name, money in (("spent", row.cost_usd), ("saved", row.saved_usd)):
-        if money:
-            out.update(zip((f"{name}_d", f"{name}_n", f"{name}_a"), _money3(money), strict=True))
-    return {k: v for k, v in out.items() if v}
+def _money_of(counts: Mapping[str, int], name: str) -> Decimal:
+    """The USD amount ``name`` ("spent", "saved") that ``_row_counts`` split, added up."""
+    return _unmoney3(counts.get(f"{name}_d", 0), counts.get(f"{name}_n", 0), counts.get(f"{name}_a", 0))
+
+
+# the fields of a day's tally (``Tally``), out of ``_row_counts``
+_TALLY_FIELDS: Final = frozenset(
+    {"calls", "input_tokens", "output_tokens", "retries", "estimated_calls", "unpriced_calls"}
+    | {f"{name}_{part}" for name in ("spent", "saved") for part in "dna"}
+)
 
 
 def _tallies(
@@ -454,18 +451,20 @@ def _tallies(
                 c.get("input_tokens", 0),
                 c.get("output_tokens", 0),
                 c.get("retries", 0),
-                c.get("estimated", 0),
-                c.get("unpriced", 0),
-                _unmoney3(c.get("spent_d", 0), c.get("spent_n", 0), c.get("spent_a", 0)),
-                _unmoney3(c.get("saved_d", 0), c.get("saved_n", 0), c.get("saved_a", 0)),
+                c.get("estimated_calls", 0),
+                c.get("unpriced_calls", 0),
+                _money_of(c, "spent"),
+                _money_of(c, "saved"),
             ),
         )
 
 
 def _stats_of(totals: dict[str, int]) -> Stats:
-    spent = _unmoney3(totals.get("spent_d", 0), totals.get("spent_n", 0), totals.get("spent_a", 0))
-    saved = _unmoney3(totals.get("saved_d", 0), totals.get("saved_n", 0), totals.get("saved_a", 0))
-    return Stats(spent_usd=spent, saved_usd=saved, **{name: totals.get(name, 0) for name in COUNTS})
+    return Stats(
+        spent_usd=_money_of(totals, "spent"),
+        saved_usd=_money_of(totals, "saved"),
+        **{name: totals.get(name, 0) for name in COUNTS},
+    )
 
 
 def _row_json(row: LedgerRow) -> bytes:
@@ -522,7 +521,10 @@ def _import_redis() -> Any:
     return redis
 
 
-def _option(options: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+def url_number(
+    options: Mapping[str, str], name: str, default: float, low: float, high: float, *, setting: str = "store"
+) -> float:
+    """The number a URL option gives (``default`` when absent); out of [low, high] is an error naming it."""
     raw = options.get(name)
     if raw is None:
         return default
@@ -531,8 +533,16 @@ def _option(options: dict[str, str], name: str, default: float, low: float, high
     except ValueError:
         value = float("nan")
     if not (low <= value <= high):
-        raise ConfigurationError(f"store ?{name}=", raw, f"must be a number from {low:g} to {high:g}")
+        raise ConfigurationError(f"{setting} ?{name}=", raw, f"must be a number from {low:g} to {high:g}")
     return value
+
+
+def url_switch(options: Mapping[str, str], name: str, *, setting: str = "store") -> bool:
+    """A true/false URL option (false when absent); anything else is an error naming it."""
+    raw = options.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigurationError(f"{setting} ?{name}=", raw, "must be true or false")
+    return raw in ("true", "1", "yes")
 
 
 def redis_client(url: str, *, timeout_s: float, cluster: bool = False) -> Any:
@@ -689,20 +699,17 @@ class RedisStore(WriteBehind):
             raise ConfigurationError("store ?on_failure=", on_failure, 'must be "closed" or "open"')
         self.prefix = prefix
         self.on_failure = on_failure
-        self.timeout_s = _option(options, "timeout", timeout_s, 0.001, 60)
-        self.max_rows = int(_option(options, "rows", max_rows, 1000, 10**9))
+        self.timeout_s = url_number(options, "timeout", timeout_s, 0.001, 60)
+        self.max_rows = int(url_number(options, "rows", max_rows, 1000, 10**9))
         ledger = options.get("ledger", ledger)
         self._ledger: Store | None = None
         if ledger != "redis" and (not isinstance(ledger, str) or not ledger.startswith(("sqlite:///", "memory://"))):
             raise ConfigurationError(
                 "store ?ledger=", ledger, "must be redis (the default), sqlite:///path.db or memory://"
             )
-        self.days = int(_option(options, "days", days, 1, 100_000))
-        self.retry_s = _option(options, "retry_s", retry_s, 0, 3600)
-        cluster = options.get("cluster", "false").lower()
-        if cluster not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigurationError("store ?cluster=", cluster, "must be true or false")
-        self.cluster = cluster in ("true", "1", "yes")
+        self.days = int(url_number(options, "days", days, 1, 100_000))
+        self.retry_s = url_number(options, "retry_s", retry_s, 0, 3600)
+        self.cluster = url_switch(options, "cluster")
         self._redis = _import_redis()
         from redis.crc import key_slot
 
@@ -1301,8 +1308,9 @@ class RedisStore(WriteBehind):
                     gid = hashlib.sha1(label.encode(), usedforsecurity=False).hexdigest()[:16]
                     labels.setdefault(name, {})[gid] = label
                     acc = totals.setdefault(name, {})
-                    for field, value in _tally_counts(row).items():
-                        acc[f"{gid}:{field}"] = acc.get(f"{gid}:{field}", 0) + value
+                    for field, value in counts.items():
+                        if field in _TALLY_FIELDS:
+                            acc[f"{gid}:{field}"] = acc.get(f"{gid}:{field}", 0) + value
 
         def op() -> None:
             pipe = self._client.pipeline(transaction=False)
@@ -1432,24 +1440,24 @@ class RedisStore(WriteBehind):
         whether older rows were trimmed from it."""
         if self._ledger is not None:
             return 0, None, False
+        return self._read("reading the ledger", self._stream_retention)
 
-        def op() -> tuple[int, datetime | None, bool]:
-            stream = self._k("rows")
-            if not self._client.exists(stream):
-                return 0, None, False
-            info = self._client.xinfo_stream(stream)
-            first = info.get("first-entry")
-            # the entry id is the server's time of writing: every row written since is here
-            kept_since = datetime.fromtimestamp(int(first[0].split(b"-")[0]) / 1000, tz=UTC) if first else None
-            return int(info["length"]), kept_since, int(info.get("entries-added", 0)) > int(info["length"])
-
-        return self._read("reading the ledger", op)
+    def _stream_retention(self) -> tuple[int, datetime | None, bool]:
+        """``retention()``'s reads (within a Redis operation: no flush, no failure handling)."""
+        stream = self._k("rows")
+        if not self._client.exists(stream):
+            return 0, None, False
+        info = self._client.xinfo_stream(stream)
+        first = info.get("first-entry")
+        # the entry id is the server's time of writing: every row written since is here
+        kept_since = datetime.fromtimestamp(int(first[0].split(b"-")[0]) / 1000, tz=UTC) if first else None
+        return int(info["length"]), kept_since, int(info.get("entries-added", 0)) > int(info["length"])
 
     def _covers(self, since: datetime | None) -> bool:
         """Whether the stream still holds every row that started at or after ``since``: a row
         trimmed away was recorded before the stream's first entry, and started before it was
         recorded (allowing for hosts' clocks to differ from the server's by ``_SKEW_S``)."""
-        _, kept_since, trimmed = self.retention()
+        _, kept_since, trimmed = self._stream_retention()  # called inside _aggregate's operation
         if not trimmed:
             return True
         return since is not None and kept_since is not None and kept_since + timedelta(seconds=_SKEW_S) <= since
