@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 import tokenguard
-from tokenguard._html import _ticks, format_usd, render_html, safe_store_url
+from tokenguard._html import _ticks, format_usd, render_html
+from tokenguard._redact import redact_url
 from tokenguard._report import Report, build_report
 from tokenguard.cli import main
 from tokenguard.testing import FakeLLM, Reply
@@ -337,11 +338,11 @@ def test_ledger_values_are_escaped(setup: Setup) -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://:s3cret@cache.internal:6379/0", "redis://cache.internal:6379/0"),
-        ("postgresql://admin:s3cret@db.internal/ledger", "postgresql://db.internal/ledger"),
+        ("redis://:s3cret@cache.internal:6379/0", "redis://***@cache.internal:6379/0"),
+        ("postgresql://admin:s3cret@db.internal/ledger", "postgresql://***@db.internal/ledger"),
         (
             "rediss://default:s3cret@redis.internal:6380?ssl_cert_reqs=none&password=s3cret",
-            "rediss://redis.internal:6380?…",
+            "rediss://***@redis.internal:6380?***",
         ),
         ("sqlite:////var/lib/app/ledger.db", "sqlite:////var/lib/app/ledger.db"),
         ("memory://", "memory://"),
@@ -349,7 +350,7 @@ def test_ledger_values_are_escaped(setup: Setup) -> None:
 )
 def test_store_url_is_shown_without_credentials(three_days: Report, url: str, shown: str) -> None:
     """The store URL is shown without its userinfo (and without a query string that may carry one)."""
-    assert safe_store_url(url) == shown
+    assert redact_url(url) == shown
     page = render_html(dataclasses.replace(three_days, store=url))
     assert "s3cret" not in page
     assert f"Store {shown}" in parse(page).text

@@ -1101,7 +1101,7 @@ def test_circuit_target_and_message_carry_no_credentials() -> None:
         spend(client)
     with pytest.raises(CircuitOpen) as info:
         spend(client)
-    assert info.value.target == ("openai", "http://fake-openai.test:8080/v1", MODEL)
+    assert info.value.target == ("openai", "http://***@fake-openai.test:8080/v1", MODEL)
     assert "hunter2" not in str(info.value)
     assert "user" not in info.value.target[1]
 
@@ -1625,7 +1625,7 @@ def test_circuit_target_url_has_no_credentials() -> None:
     """The breaker's key (and so CircuitOpen and the logs) never holds a password from the URL."""
     assert attempts_of("openai", "https://k:s@proxy.example:8443/v1/", "m").target == (
         "openai",
-        "https://proxy.example:8443/v1",
+        "https://***@proxy.example:8443/v1",
         "m",
     )
     assert attempts_of("anthropic", "https://api.anthropic.com/", "claude").target == (

@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._errors import BudgetExceeded, ConfigurationError
 from ._periods import PERIODS, period_end, period_start
+from ._redact import redact_url
 from ._usage import Usage
 
 __all__ = [
@@ -661,7 +662,8 @@ class WebhookAlerts:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0, headers: Mapping[str, str] | None = None) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigurationError("WebhookAlerts.url", url, "must be an http:// or https:// URL")
+            shown = redact_url(url, keep_path=False) if isinstance(url, str) else url
+            raise ConfigurationError("WebhookAlerts.url", shown, "must be an http:// or https:// URL")
         if not isinstance(timeout_s, int | float) or timeout_s <= 0:
             raise ConfigurationError("WebhookAlerts.timeout_s", timeout_s, "must be a positive number of seconds")
         self.url = url
@@ -685,25 +687,44 @@ class WebhookAlerts:
         }
 
     def send(self, alert: Alert) -> None:
-        """POST ``alert`` now, in this thread (raises on failure)."""
-        import httpx2
+        """POST ``alert`` now, in this thread (raises on failure).
 
-        response = httpx2.post(
+        Sent with the standard library's ``urllib``, not httpx2: httpx2 logs every request's
+        full URL at INFO, and a webhook's URL is its secret."""
+        import urllib.request
+
+        request = urllib.request.Request(
             self.url,
-            content=json.dumps(self.payload(alert)).encode(),
+            data=json.dumps(self.payload(alert)).encode(),
             headers={"content-type": "application/json", **self.headers},
-            timeout=self.timeout_s,
+            method="POST",
         )
-        response.raise_for_status()
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # http(s) only: checked in __init__
+            response.read()
 
     def __call__(self, alert: Alert) -> None:
         def run() -> None:
             try:
                 self.send(alert)
             except Exception as err:
-                log.error("tokenguard: webhook alert to %s failed: %s", self.url, err)
+                log.error("tokenguard: webhook alert to %s failed: %s", self.shown_url, self._failure(err))
 
         threading.Thread(target=run, name="tokenguard-webhook-alert", daemon=True).start()
 
+    @property
+    def shown_url(self) -> str:
+        """The URL fit for a log line or a repr: scheme and host only (a webhook's path and
+        query are its secret, e.g. Slack's ``/services/T0/B0/XXXX``)."""
+        return redact_url(self.url, keep_path=False)
+
+    def _failure(self, err: Exception) -> str:
+        """What went wrong, without the URL."""
+        import urllib.error
+
+        if isinstance(err, urllib.error.HTTPError):
+            return f"HTTP {err.code}"
+        text = str(err).replace(self.url, self.shown_url)
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
     def __repr__(self) -> str:
-        return f"WebhookAlerts({self.url!r})"
+        return f"WebhookAlerts({self.shown_url!r})"

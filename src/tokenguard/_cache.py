@@ -35,8 +35,10 @@ import diskcache
 import platformdirs
 
 from ._errors import ConfigurationError
+from ._redact import redact_url
 from ._usage import Usage
-from .stores._url import redact
+
+_IN_DATABASE: Final = 1 << 40  # diskcache keeps values smaller than this in its database
 
 __all__ = ["Cache", "CacheControl", "CacheEntry", "cache_control", "cache_key", "current_cache_control"]
 
@@ -323,14 +325,25 @@ class _DiskBackend:
     Eviction is by age of storage ("least-recently-stored"): with diskcache's LRU policy every
     read is a write transaction (the access time), which made a hit ~8x slower and serialised
     readers across processes.
+
+    Private to the user, whatever the umask: a directory tokenguard creates is 0700, and the
+    database is created 0600 before diskcache opens it (SQLite gives its ``-wal``/``-shm`` files
+    the database's mode). Every value is kept inside that database (``disk_min_file_size``):
+    diskcache would write large values as separate files with the umask's mode.
     """
 
     remote = False
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with suppress(FileExistsError):
+            os.close(os.open(path / "cache.db", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
         self._cache = diskcache.Cache(
-            str(path), disk=_JSONOnlyDisk, size_limit=max_bytes, eviction_policy="least-recently-stored"
+            str(path),
+            disk=_JSONOnlyDisk,
+            size_limit=max_bytes,
+            eviction_policy="least-recently-stored",
+            disk_min_file_size=_IN_DATABASE,
         )
 
     def get(self, key: str) -> bytes | None:
@@ -459,7 +472,7 @@ class Cache:
         for name, value in (("ttl_s", ttl_s), ("max_size_mb", max_size_mb), ("max_entry_kb", max_entry_kb)):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"Cache.{name}", value, "must be a positive number")
-        self.backend_name = redact(backend) if remote else backend
+        self.backend_name = redact_url(backend) if remote else backend
         self.ttl_s = float(ttl_s)
         self.max_entry_bytes = int(max_entry_kb * 1024)
         self.max_size_mb = float(max_size_mb)

@@ -19,9 +19,10 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from importlib import metadata
 from typing import Final
 
+from ._redact import redact_url
 from ._report import Group, Report
 
-__all__ = ["format_usd", "render_html", "safe_store_url"]
+__all__ = ["format_usd", "render_html"]
 
 _CENT: Final = Decimal("0.01")
 _MAX_PLACES: Final = 8  # below $0.00000001 an amount is shown as "<$0.00000001"
@@ -87,20 +88,6 @@ def _percent(part: int, whole: int) -> str:
     if pct == 100 and part < whole:
         return ">99%"
     return f"{pct}%"
-
-
-def safe_store_url(url: str) -> str:
-    """The store URL without credentials: the userinfo (``user:password@``) is removed and a
-    query string (which may carry a password) is replaced by ``?…``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    rest, query_sep, _ = rest.partition("?")
-    rest = rest.partition("#")[0]
-    authority, slash, path = rest.partition("/")
-    authority = authority.rpartition("@")[2]
-    shown = f"{scheme}{sep}{authority}{slash}{path}"
-    return shown + ("?…" if query_sep else "")
 
 
 def _utc(when: datetime) -> datetime:
@@ -582,7 +569,7 @@ def render_html(report: Report) -> str:
     meta = [
         ("Period", _e(_period(report))),
         ("Grouped by", _e(by)),
-        ("Store", f"<code>{_e(safe_store_url(report.store))}</code>"),
+        ("Store", f"<code>{_e(redact_url(report.store))}</code>"),
         (
             "Generated",
             f'<time datetime="{_e(generated.isoformat(timespec="seconds"))}">'

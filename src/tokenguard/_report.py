@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from ._errors import ConfigurationError
 from ._ledger import LedgerRow, OutcomeRow, OutcomeStore, Store, Tally
-from .stores._url import redact as _redact
+from ._redact import redact_url
 
 __all__ = ["FIELDS", "Group", "Report", "build_report", "parse_when"]
 
@@ -321,6 +321,6 @@ def build_report(
         groups=[groups[k] for k in sorted(groups, key=_natural)],
         total=total,
         daily=[(d, v[0], v[1]) for d, v in sorted(daily.items())],
-        store=_redact(str(getattr(store, "url", type(store).__name__))),
+        store=redact_url(str(getattr(store, "url", type(store).__name__))),
         generated_at=generated,
     )

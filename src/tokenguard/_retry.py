@@ -25,7 +25,6 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anthropic
 import httpx2
@@ -33,6 +32,7 @@ import openai
 import tenacity
 
 from ._errors import CircuitOpen, ConfigurationError
+from ._redact import redact_url
 
 __all__ = ["CircuitBreaker", "CutTimeout", "Retrier", "Retry", "Verdict", "judge"]
 
@@ -384,16 +384,6 @@ class _Breakers:
                 circuit.trial = False
 
 
-def _public_url(url: str) -> str:
-    """``url`` without credentials in it (for error messages and logs)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url.rstrip("/")
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
-
-
 def bounded_timeout(timeout: Any, left_s: float) -> httpx2.Timeout:
     """``timeout`` (an ``httpx2.Timeout``, a number, or ``None``) with every part cut to ``left_s``."""
     if isinstance(timeout, httpx2.Timeout):
@@ -445,7 +435,7 @@ class Attempts:
     @property
     def target(self) -> tuple[str, str, str]:
         """The circuit breaker's key: (vendor, base URL without credentials, model)."""
-        return self.vendor, _public_url(self.base_url), self.model
+        return self.vendor, redact_url(self.base_url).rstrip("/"), self.model
 
     @property
     def what(self) -> str:

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._errors import TokenguardError, _plain
+from ._redact import redact_url
 from ._report import Group, Report, build_report, parse_when
 
 __all__ = ["main", "print_report"]
@@ -590,15 +591,7 @@ def config_command(fmt: str) -> None:
 
 def _shown(key: str, value: Any) -> Any:
     """A configuration value fit to show: a webhook URL redacted (it may carry a token)."""
-    return _redact_url(str(value)) if key == "alerts.webhook" and value else value
-
-
-def _redact_url(url: str) -> str:
-    """A URL without what may be a secret in it (userinfo, path, query)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}/***" if parts.scheme else "***"
+    return redact_url(str(value), keep_path=False) if key == "alerts.webhook" and value else value
 
 
 def run() -> None:

@@ -13,7 +13,7 @@ import platformdirs
 
 from .._errors import ConfigurationError
 from .._ledger import Store
-from ._url import redact as _redact
+from .._redact import redact_url
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
@@ -56,6 +56,6 @@ def open_store(store: str | os.PathLike[str] | Store | None) -> Store:
         return RedisStore(store)
     raise ConfigurationError(
         "store",
-        _redact(store),
+        redact_url(store),
         "unknown store; use memory://, sqlite:///relative.db, sqlite:////abs/path.db or redis://host:6379/0",
     )

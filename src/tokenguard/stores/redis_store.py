@@ -52,8 +52,8 @@ from .._errors import ConfigurationError, StoreUnavailable
 from .._ledger import COUNTS, LedgerRow, OutcomeRow, Stats, Store, Tally, counts_of, matches_scope
 from .._loops import Decision
 from .._periods import PERIODS, period_end
+from .._redact import redact_url
 from .._usage import Usage
-from ._url import redact
 from ._writebehind import WriteBehind
 from .memory import MemoryStore
 
@@ -571,7 +571,7 @@ def redis_client(url: str, *, timeout_s: float, cluster: bool = False) -> Any:
             client_name="tokenguard",
         )
     except (ValueError, TypeError) as err:
-        raise ConfigurationError("store", redact(url), f"not a Redis URL redis-py understands: {err}") from None
+        raise ConfigurationError("store", redact_url(url), f"not a Redis URL redis-py understands: {err}") from None
 
 
 def close_client(client: Any) -> None:
@@ -690,7 +690,7 @@ class RedisStore(WriteBehind):
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError("store", url, "a Redis store URL starts with redis://, rediss:// or unix://")
         target, options = split_url(url)
-        self.url = redact(target)
+        self.url = redact_url(target)
         prefix = options.get("prefix", prefix)
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}* \t\n"):
             raise ConfigurationError("store ?prefix=", prefix, "must be a non-empty name without braces, * or spaces")

@@ -257,7 +257,7 @@ class SQLiteStore(WriteBehind):
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # created private from the start (not chmod-ed after): the ledger names users and spend
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
