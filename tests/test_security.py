@@ -212,8 +212,11 @@ def test_ledger_and_cache_files_are_private_whatever_the_umask(tmp_path: Path, f
         os.umask(old)
 
 
-def test_redis_cache_never_unpickles(redis_server: RedisServer, fake: FakeLLM) -> None:
-    """A pickle planted under a Redis cache key is a miss (the provider answers), never loaded."""
+def test_redis_cache_never_unpickles(
+    redis_server: RedisServer, fake: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pickle planted under a Redis cache key is a miss (the provider answers) and a warning,
+    never loaded."""
     import pickle
 
     url = redis_server.fresh_url()
@@ -231,7 +234,9 @@ def test_redis_cache_never_unpickles(redis_server: RedisServer, fake: FakeLLM) -
             return (os.system, ("touch /tmp/tokenguard-pwned",))
 
     raw.set(keys[0], pickle.dumps(Boom()))
-    reply = client.chat.completions.create(**ask)
+    with caplog.at_level(logging.WARNING, logger="tokenguard"):
+        reply = client.chat.completions.create(**ask)
+    assert any("cache" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert reply.choices[0].message.content == "Hello from the fake LLM!"
     assert len(fake.money_requests) == 2  # the planted value was not served
     assert not Path("/tmp/tokenguard-pwned").exists()
