@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -428,6 +429,84 @@ def cache_clear(path: Path | None, yes: bool) -> None:
     opened.clear()
     click.echo(f"cleared {where}")
     opened.close()
+
+
+@main.group(
+    epilog="\b\nExamples:\n  tokenguard ledger check\n  tokenguard ledger recover ledger.db ledger-recovered.db"
+)
+def ledger() -> None:
+    """Check a SQLite ledger, or recover the rows of a damaged one."""
+
+
+def _ledger_path(store: str | None) -> Path:
+    from .stores import default_store_path
+
+    if store is None:
+        return default_store_path()
+    if not store.startswith("sqlite:///") or len(store) == len("sqlite:///"):
+        raise _UserError(f"--store: {redact_url(store)} is not a SQLite ledger (sqlite:///path.db)")
+    return Path(store[len("sqlite:///") :]).expanduser()
+
+
+@ledger.command(
+    "check", epilog="\b\nExamples:\n  tokenguard ledger check\n  tokenguard ledger check --store sqlite:///app.db"
+)
+@click.option("--store", envvar="TOKENGUARD_STORE", help="The ledger (sqlite:///path.db; default: configured).")
+def ledger_check(store: str | None) -> None:
+    """Run SQLite's integrity check on the ledger, read-only. Exit status 1 if it is damaged."""
+    import sqlite3
+
+    path = _ledger_path(store)
+    if not path.is_file():
+        raise _UserError(f"no ledger at {path} (check --store / TOKENGUARD_STORE)")
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA integrity_check(20)")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        problems = [str(err)]
+    if problems == ["ok"]:
+        click.echo(f"{path}: ok")
+        return
+    click.echo(f"{path} is damaged:", err=True)
+    for problem in problems:
+        for line in problem.splitlines():
+            click.echo(f"  {line}", err=True)
+    click.echo(
+        f"Recover what can be read: tokenguard ledger recover {path} {path.with_name(path.stem + '-recovered.db')}",
+        err=True,
+    )
+    sys.exit(1)
+
+
+@ledger.command(
+    "recover",
+    epilog="\b\nExamples:\n  tokenguard ledger recover ~/.local/share/tokenguard/ledger.db /tmp/ledger-recovered.db",
+)
+@click.argument("broken", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("new", type=click.Path(dir_okay=False, path_type=Path))
+@_friendly
+def ledger_recover(broken: Path, new: Path) -> None:
+    """Copy every readable row of a damaged ledger BROKEN into a new ledger NEW.
+
+    BROKEN is only read. Calls and outcomes are copied row by row, so a damaged page loses only
+    its own rows; budgets keep their settled spend where it can be read. Stop the programs
+    that use the ledger first; then move NEW into BROKEN's place (with BROKEN's -wal and -shm
+    files moved away).
+    """
+    from .stores.sqlite import recover_ledger
+
+    report = recover_ledger(broken, new)
+    for part in report:
+        if part.table in ("calls", "outcomes"):
+            lost = "unknown (the last rows cannot be read)" if part.missing is None else f"{part.missing:,} at most"
+            click.echo(f"{part.table:<14} {part.copied:>10,} rows copied; lost: {lost}")
+        else:
+            state = "all read" if part.complete else "the rest could not be read (those keys restart at $0)"
+            click.echo(f"{part.table:<14} {part.copied:>10,} rows copied; {state}")
+    click.echo(f"wrote {new}; {broken} is unchanged")
 
 
 def _vendor_of(model: str, vendor: str | None) -> str:

@@ -15,6 +15,7 @@ this process always reads its own rows; other processes see them within
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -37,7 +39,7 @@ from .._loops import Decision
 from .._usage import Usage
 from ._writebehind import WriteBehind
 
-__all__ = ["SQLiteStore", "money_text"]
+__all__ = ["SQLiteStore", "Salvaged", "money_text", "recover_ledger"]
 
 fcntl: Any
 try:
@@ -138,6 +140,22 @@ def money_text(value: Decimal | None) -> str | None:
 _BUSY_DEADLINE_S: Final = 30.0
 _NO_TOTALS: Final = Totals()
 _LOOP_SWEEP_EVERY: Final = 512  # loop-detector writes between sweeps of entries out of the window
+
+
+def _advice(err: BaseException, path: Path) -> str:
+    """What to do about a SQLite failure that will not go away by itself (empty for the rest)."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+        return (
+            f". {path} is damaged or is not a tokenguard ledger; tokenguard does not touch it. Copy what can be "
+            f"read into a new ledger with `tokenguard ledger recover {path} <new.db>`, then move the new file into "
+            'its place (docs/reliability.md, "A corrupt ledger")'
+        )
+    if name.startswith("SQLITE_FULL"):
+        return f". The disk holding {path} is full: free space; queued rows are kept and retried meanwhile"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return f". Check that this user can write {path} and its directory"
+    return ""
 
 
 def _retry_busy(attempt: Callable[[], Any]) -> Any:
@@ -267,7 +285,9 @@ class SQLiteStore(WriteBehind):
         except (sqlite3.Error, OSError) as err:
             if conn is not None:
                 conn.close()
-            raise StoreUnavailable("store", self.url, f"cannot open the SQLite ledger: {err}") from err
+            raise StoreUnavailable(
+                "store", self.url, f"cannot open the SQLite ledger: {err}{_advice(err, self.path)}"
+            ) from err
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -307,7 +327,9 @@ class SQLiteStore(WriteBehind):
         try:
             self._write(lambda conn: conn.executemany(_INSERT, values))
         except sqlite3.Error as err:
-            raise StoreUnavailable("store", self.url, f"cannot write the ledger: {err}") from err
+            raise StoreUnavailable(
+                "store", self.url, f"cannot write the ledger: {err}{_advice(err, self.path)}"
+            ) from err
 
     def _query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         self.flush()
@@ -319,7 +341,9 @@ class SQLiteStore(WriteBehind):
         try:
             result: list[tuple[Any, ...]] = _retry_busy(attempt)
         except sqlite3.Error as err:
-            raise StoreUnavailable("store", self.url, f"cannot read the ledger: {err}") from err
+            raise StoreUnavailable(
+                "store", self.url, f"cannot read the ledger: {err}{_advice(err, self.path)}"
+            ) from err
         return result
 
     def rows(
@@ -463,7 +487,9 @@ class SQLiteStore(WriteBehind):
         try:
             return self._write(work)
         except sqlite3.Error as err:
-            raise StoreUnavailable("store", self.url, f"budget bookkeeping failed: {err}") from err
+            raise StoreUnavailable(
+                "store", self.url, f"budget bookkeeping failed: {err}{_advice(err, self.path)}"
+            ) from err
 
     @staticmethod
     def _totals_in(conn: sqlite3.Connection, key: str, period: float) -> Totals:
@@ -718,3 +744,129 @@ class SQLiteStore(WriteBehind):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
+
+
+# -- recovering a damaged ledger -------------------------------------------------------------------
+
+# what a recovery copies: the calls and outcomes (by rowid, so a damaged page loses only its own
+# rows), and the budgets' settled spend and alerts sent (by key: a damaged page ends the scan).
+# Holds are not copied (their processes are gone), nor is the loop detector's short-lived history.
+_SALVAGED: Final = (  # (table, what to read, the columns it goes to, read by rowid)
+    ("calls", _COLUMNS, _COLUMNS, True),
+    ("outcomes", "ts, name, scope, count", "ts, name, scope, count", True),
+    (
+        "budget_spend",
+        "key, period_start, spent_nusd, 0, spent_tokens, 0",
+        "key, period_start, spent_nusd, held_nusd, spent_tokens, held_tokens",
+        False,
+    ),
+    ("budget_alerts", "key, period_start, threshold", "key, period_start, threshold", False),
+)
+
+
+@dataclass(frozen=True)
+class Salvaged:
+    """What ``recover_ledger`` copied of one table.
+
+    ``missing`` (calls and outcomes) counts the row ids between the first and the last row
+    that gave no row: the rows lost, at most (``None`` when the last row id itself cannot be
+    read). The budget tables have no row ids: ``complete`` says whether their scan reached the
+    end.
+    """
+
+    table: str
+    copied: int
+    missing: int | None
+    complete: bool
+
+
+def recover_ledger(broken: str | os.PathLike[str], into: str | os.PathLike[str]) -> list[Salvaged]:
+    """Copy every row that can still be read from a damaged SQLite ledger into a new one.
+
+    ``broken`` is never written: it is read from a private copy (with its ``-wal`` file, whose
+    committed rows count). ``into`` must not exist; it becomes a ledger of this version. Stop
+    the processes that use the ledger first, and move ``into`` into place after. Raises
+    ``StoreUnavailable`` when nothing at all can be read (e.g. the file's header is gone).
+    """
+    import shutil
+    import tempfile
+
+    source, target = Path(broken).expanduser().absolute(), Path(into).expanduser().absolute()
+    if not source.is_file():
+        raise StoreUnavailable("ledger", str(source), "no such file")
+    if target.exists():
+        raise StoreUnavailable("ledger", str(target), "exists already: a recovery writes a new file, never over one")
+    SQLiteStore(target).close()  # the new ledger, with this version's schema
+    with tempfile.TemporaryDirectory(prefix="tokenguard-recover-") as scratch:
+        copy = Path(scratch) / "ledger.db"
+        shutil.copyfile(source, copy)
+        if Path(f"{source}-wal").is_file():
+            shutil.copyfile(f"{source}-wal", f"{copy}-wal")
+        old = sqlite3.connect(copy, isolation_level=None)
+        new = sqlite3.connect(target, isolation_level=None)
+        try:
+            try:
+                old.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.DatabaseError as err:
+                target.unlink()
+                raise StoreUnavailable(
+                    "ledger", str(source), f"nothing can be read: {err} (the file's header or schema is damaged)"
+                ) from None
+            new.execute("BEGIN")
+            report = [_salvage(old, new, *table) for table in _SALVAGED]
+            new.execute("COMMIT")
+        finally:
+            old.close()
+            new.close()
+    return report
+
+
+def _salvage(
+    old: sqlite3.Connection, new: sqlite3.Connection, table: str, columns: str, into: str, by_rowid: bool
+) -> Salvaged:
+    # the new file numbers calls and outcomes itself; a budget key read twice is kept once
+    insert = f"INSERT OR IGNORE INTO {table} ({into}) VALUES ({', '.join('?' * len(into.split(',')))})"
+    copied = 0
+    if not by_rowid:
+        try:
+            for row in old.execute(f"SELECT {columns} FROM {table}"):
+                new.execute(insert, row)
+                copied += 1
+        except sqlite3.DatabaseError:
+            return Salvaged(table, copied, None, complete=False)
+        return Salvaged(table, copied, None, complete=True)
+    select = f"SELECT {columns} FROM {table} WHERE rowid"
+    edges: list[int | None] = []
+    damaged = False
+    for edge in ("min", "max"):
+        try:
+            edges.append(old.execute(f"SELECT {edge}(rowid) FROM {table}").fetchone()[0])
+        except sqlite3.DatabaseError:  # that edge of the tree is damaged
+            edges.append(None)
+            damaged = True
+    if not damaged and edges[1] is None:
+        return Salvaged(table, 0, 0, complete=True)  # an empty table
+    lowest, highest = edges[0] or 1, edges[1]
+    # 256 row ids at a time; a range that meets a damaged page is read one id at a time, so only
+    # the rows on that page are lost; with the right edge damaged, ids are probed until 100,000
+    # in a row give nothing
+    last_found, start = lowest - 1, lowest
+    while start <= (highest if highest is not None else last_found + 100_000):
+        end = start + 255
+        try:
+            rows = old.execute(f"{select} BETWEEN ? AND ? ORDER BY rowid", (start, end)).fetchall()
+            found = [r[0] for r in old.execute(f"SELECT rowid FROM {table} WHERE rowid BETWEEN ? AND ?", (start, end))]
+        except sqlite3.DatabaseError:
+            rows, found = [], []
+            for rowid in range(start, end + 1):
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    row = old.execute(f"{select} = ?", (rowid,)).fetchone()
+                    if row is not None:
+                        rows.append(row)
+                        found.append(rowid)
+        new.executemany(insert, rows)
+        copied += len(rows)
+        last_found = max([last_found, *found])
+        start = end + 1
+    missing = None if highest is None else highest - lowest + 1 - copied
+    return Salvaged(table, copied, missing, complete=missing == 0)
