@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import diskcache
 import platformdirs
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, StoreUnavailable
 from ._redact import redact_url
 from ._usage import Usage
 
@@ -492,8 +492,12 @@ class Cache:
             try:
                 self._store = _DiskBackend(self.path, max_bytes)
             except Exception as err:  # an unwritable directory must not fail calls: run uncached
-                self._warn(f"the response cache at {self.path} cannot be opened, so calls go uncached: {err}")
+                self._warn(
+                    f"the response cache at {self.path} cannot be opened, so calls go uncached: {err} "
+                    f"(if its files are damaged, `tokenguard cache clear --path {self.path}` starts it afresh)"
+                )
                 self._store = None
+        self._max_bytes = max_bytes
         self._flights: dict[str, tuple[threading.Event, tuple[int, int]]] = {}
         self._flights_lock = threading.Lock()
         # the last entries decoded, by key, with the stored bytes they came from: a hit on an
@@ -600,12 +604,31 @@ class Cache:
         return (0, 0) if self._store is None else self._store.usage()
 
     def clear(self) -> None:
-        """Drop every entry."""
+        """Drop every entry. A disk cache whose database is damaged (it could not be opened, or
+        cannot be emptied) is started afresh: its database files are removed and created again; raises
+        ``StoreUnavailable`` if that fails too (say, the directory is not writable)."""
         with self._decoded_lock:
             self._decoded.clear()
             self._decoded_bytes = 0
         if self._store is not None:
-            self._store.clear()
+            try:
+                self._store.clear()
+                return
+            except Exception:
+                if self.path is None:  # Redis, memory: nothing to start afresh
+                    raise
+                with suppress(Exception):
+                    self._store.close()
+                self._store = None  # a damaged database: start afresh, below
+        if self.path is None:
+            return
+        try:
+            for name in ("cache.db", "cache.db-wal", "cache.db-shm"):  # diskcache's files, nothing else
+                (self.path / name).unlink(missing_ok=True)
+            self._store = _DiskBackend(self.path, self._max_bytes)
+        except Exception as err:
+            raise StoreUnavailable("cache", str(self.path), f"cannot be started afresh: {err}") from None
+        self._warned.clear()
 
     def close(self) -> None:
         """Release the backend."""

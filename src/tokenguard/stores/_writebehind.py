@@ -152,10 +152,15 @@ def _writer_loop(ref: weakref.ref[WriteBehind]) -> None:
 
 
 _stores: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
+_flushed_at_exit = -1  # the pid whose exit flush has run (atexit and multiprocessing both call it)
 
 
 def _flush_all() -> None:
-    """Write every store's queue (at exit)."""
+    """Write every store's queue (at exit), once per process."""
+    global _flushed_at_exit
+    if _flushed_at_exit == os.getpid():
+        return
+    _flushed_at_exit = os.getpid()
     for store in list(_stores):
         if store._queue_pid != os.getpid():
             continue

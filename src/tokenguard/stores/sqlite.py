@@ -153,6 +153,11 @@ def _advice(err: BaseException, path: Path) -> str:
         )
     if name.startswith("SQLITE_FULL"):
         return f". The disk holding {path} is full: free space; queued rows are kept and retried meanwhile"
+    if name.startswith("SQLITE_IOERR"):
+        return (
+            f". The system refused to read or write {path} (a full disk, a quota or a file-size limit?); "
+            "queued rows are kept and retried meanwhile"
+        )
     if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
         return f". Check that this user can write {path} and its directory"
     return ""
@@ -217,7 +222,9 @@ def _write_leftovers(path: Path, queue: list[LedgerRow]) -> None:
         finally:
             conn.close()
     except sqlite3.Error as err:
-        log.error("tokenguard: %d ledger row(s) of a dropped store could not be written: %s", len(rows), err)
+        log.error(
+            "tokenguard: %d ledger row(s) of a dropped store could not be written to %s: %s", len(rows), path, err
+        )
 
 
 class _DecimalSum:
@@ -265,7 +272,8 @@ class SQLiteStore(WriteBehind):
         self._lock = threading.Lock()  # guards the connection
         self._start_write_behind(write_behind_s)
         self._connect()
-        weakref.finalize(self, _write_leftovers, self.path, self._queue)
+        # for a store dropped without close(); at exit _flush_all writes the live stores' rows
+        weakref.finalize(self, _write_leftovers, self.path, self._queue).atexit = False
 
     def _after_fork(self) -> None:
         super()._after_fork()
