@@ -827,11 +827,6 @@ def test_corrupt_ledger_error_says_how_to_recover(damaged_ledger: tuple[Path, by
     assert re.search(r"docs/[\w.-]+\.md", message), message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the corrupt-ledger error (stores/sqlite.py _advice) and README point to docs/reliability.md, "
-    '"A corrupt ledger", and that file does not exist',
-)
 @pytest.mark.parametrize("damaged_ledger", ["garbage_over_header"], indirect=True)
 def test_corrupt_ledger_error_points_to_a_doc_that_exists(damaged_ledger: tuple[Path, bytes]) -> None:
     """The document (and section) the recovery hint names is there to read."""
