@@ -124,6 +124,28 @@ def _texts_of(errors: list[BaseException]) -> str:
     return "\n".join(out)
 
 
+async def test_async_key_providers_are_told_apart(fake: FakeLLM) -> None:
+    """Async OpenAI clients whose keys come from async key providers never share a cached
+    answer (the key is asked from the provider before the cache key is made), while the same
+    provider's key again is a hit."""
+    guard = Guard(store="memory://", cache=Cache(backend="memory"), retry=False)
+    clients = []
+    for key in ("sk-provided-one", "sk-provided-two", "sk-provided-one"):
+
+        async def provide(key: str = key) -> str:
+            return key
+
+        clients.append(fake.openai(guard=guard, async_=True, api_key=provide))
+    for client in clients:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, temperature=0)
+        await client.close()
+    assert [r.headers["authorization"] for r in fake.money_requests] == [
+        "Bearer sk-provided-one",
+        "Bearer sk-provided-two",
+    ]
+    assert guard.stats().cache_hits == 1
+
+
 @pytest.mark.parametrize("where", ["sqlite", "redis"])
 def test_api_keys_never_reach_stores_cache_logs_errors_or_reports(
     where: str,

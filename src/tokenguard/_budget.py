@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._errors import BudgetExceeded, ConfigurationError
@@ -311,10 +311,12 @@ _ZERO: Final = Decimal(0)
 
 
 def to_nano(usd: Decimal) -> int:
-    """USD as whole nano-dollars, rounded up (budgets never under-count)."""
+    """USD as whole nano-dollars, rounded up (budgets never under-count); exact at any size
+    (integer arithmetic: ``Decimal.scaleb`` would round to the context's 28 digits first)."""
     if not usd:
         return 0
-    return int(usd.scaleb(9).to_integral_value(rounding=ROUND_CEILING))
+    numerator, denominator = usd.as_integer_ratio()
+    return -(-numerator * 1_000_000_000 // denominator)
 
 
 def from_nano(nusd: int) -> Decimal:

@@ -34,6 +34,7 @@ from typing import Any, Final, Protocol
 import diskcache
 import platformdirs
 
+from ._canonical import canonical_json
 from ._errors import ConfigurationError, StoreUnavailable
 from ._redact import redact_url
 from ._usage import Usage
@@ -116,7 +117,7 @@ def _normal(value: Any) -> Any:
 
 
 def _canonical(value: Any) -> str:
-    return json.dumps(_normal(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return canonical_json(_normal(value))
 
 
 def _who() -> tuple[int, int]:

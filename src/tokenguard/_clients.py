@@ -19,8 +19,10 @@ import contextlib
 import functools
 import logging
 import math
+import secrets
 import sys
 import threading
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
@@ -86,6 +88,8 @@ def _body(options: Any) -> Any:
     return {k: v for k, v in body.items() if not isinstance(v, _UNSET)}
 
 
+_MISSING_KEY = "<missing API key>"  # what openai's Azure client holds when it has no key
+_PROCESS_TOKEN = secrets.token_hex(8)  # tells apart clients of different processes without credentials
 _FLIGHT_WAIT_S = 120.0  # the longest an identical call waits for another's answer
 _warned_max_retries = False
 
@@ -143,22 +147,61 @@ class _GuardedBase:
 
     with_options = copy
 
-    def _tg_client_context(self) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+    def _tg_providers(self) -> bool:
+        """Whether a credential comes from a provider called per request (openai's
+        ``api_key=callable``, Azure's ``azure_ad_token_provider``): the key is known only then."""
+        return getattr(self, "_api_key_provider", None) is not None or self._tg_token_provider()
+
+    def _tg_token_provider(self) -> bool:
+        """Whether an Azure AD token comes from ``azure_ad_token_provider`` (no fixed token)."""
+        return (
+            getattr(self, "_azure_ad_token_provider", None) is not None
+            and getattr(self, "_azure_ad_token", None) is None
+        )
+
+    def _tg_fresh_credentials(self) -> dict[str, str]:
+        """The credentials this request will carry, asked from the providers as the SDK asks."""
+        fresh: dict[str, str] = {}
+        if getattr(self, "_api_key_provider", None) is not None:
+            fresh["api_key"] = self._refresh_api_key()  # type: ignore[attr-defined]
+        if self._tg_token_provider():
+            fresh["_azure_ad_token"] = self._get_azure_ad_token() or ""  # type: ignore[attr-defined]
+        return fresh
+
+    async def _tg_fresh_credentials_async(self) -> dict[str, str]:
+        """``_tg_fresh_credentials`` for the async clients, whose providers are awaited."""
+        fresh: dict[str, str] = {}
+        if getattr(self, "_api_key_provider", None) is not None:
+            fresh["api_key"] = await self._refresh_api_key()  # type: ignore[attr-defined]
+        if self._tg_token_provider():
+            fresh["_azure_ad_token"] = await self._get_azure_ad_token() or ""  # type: ignore[attr-defined]
+        return fresh
+
+    def _tg_client_context(
+        self, fresh: Mapping[str, str] | None = None
+    ) -> tuple[str, str, dict[str, str], dict[str, Any]]:
         """What the cache key needs from the client itself: base URL, a credential fingerprint,
-        default headers, default query parameters."""
+        default headers, default query parameters. ``fresh``: credentials just asked from the
+        client's providers. A client whose credentials cannot be read at all is a tenant of its
+        own (never sharing answers with another client it cannot be told apart from)."""
         secrets = []
         for name in ("api_key", "auth_token", "organization", "project", "_azure_ad_token"):
-            value = getattr(self, name, None)
-            secrets.append(value if isinstance(value, str) else "")
+            value = (fresh or {}).get(name, getattr(self, name, None))
+            secrets.append(value if isinstance(value, str) and value != _MISSING_KEY else "")
+        api_key, auth_token, _, _, ad_token = secrets
+        if not (api_key or auth_token or ad_token):
+            secrets.append(f"unidentified client {_PROCESS_TOKEN} {id(self)}")
         custom = getattr(self, "_custom_headers", None) or {}
         headers = {k.lower(): v for k, v in custom.items() if isinstance(v, str)}
         query = dict(getattr(self, "_custom_query", None) or {})
         return str(getattr(self, "base_url", "")), tenant_of(*secrets), headers, query
 
-    def _tg_cache_context(self, options: Any) -> tuple[str, str, dict[str, str], dict[str, Any]]:
+    def _tg_cache_context(
+        self, options: Any, fresh: Mapping[str, str] | None = None
+    ) -> tuple[str, str, dict[str, str], dict[str, Any]]:
         """What the cache key needs from the client and this request's options (per-call
         headers and query parameters win over the client's)."""
-        base_url, tenant, headers, query = self._tg_client_context()
+        base_url, tenant, headers, query = self._tg_client_context(fresh)
         headers.update({k.lower(): v for k, v in _given_headers(options).items()})
         query.update(options.params or {})
         return base_url, tenant, headers, query
@@ -258,7 +301,10 @@ class _SyncGuarded(_GuardedBase):
     def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
         """Run one logical call through the guard (the SDK calls this for every request)."""
         pipeline = self.guard.pipeline
-        context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
+        context = None
+        if pipeline.cache is not None:
+            fresh = self._tg_fresh_credentials() if self._tg_providers() else None
+            context = lambda: self._tg_cache_context(options, fresh)  # noqa: E731
         call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
         parent = super()
         retrier = pipeline.retrier
@@ -335,7 +381,10 @@ class _AsyncGuarded(_GuardedBase):
     async def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
         """Run one logical call through the guard (the SDK awaits this for every request)."""
         pipeline = self.guard.pipeline
-        context = (lambda: self._tg_cache_context(options)) if pipeline.cache is not None else None
+        context = None
+        if pipeline.cache is not None:
+            fresh = await self._tg_fresh_credentials_async() if self._tg_providers() else None
+            context = lambda: self._tg_cache_context(options, fresh)  # noqa: E731
         begin = functools.partial(
             pipeline.begin, self._tg_adapter, options.method, options.url, _body(options), stream, context
         )

@@ -72,8 +72,8 @@ class HotPath:
         # the common uncached call the cost of a fingerprint
         extra = kwargs.get("extra_body")
         body: Mapping[str, Any] = {**kwargs, **extra} if isinstance(extra, Mapping) else kwargs
-        if not (cache.cache_all or deterministic(body, endpoint)):
-            return None
+        if not (cache.cache_all or deterministic(body, endpoint)) or client._tg_providers():
+            return None  # a key from a provider is known only when the request is made
         base_url, tenant, headers, query = client._tg_client_context()
         try:
             return json.dumps([name, base_url, tenant, headers, query, kwargs], sort_keys=True, separators=(",", ":"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+from ._canonical import canonical_json as _canonical
 from ._errors import ConfigurationError, LoopDetected
 
 __all__ = ["LoopBook", "LoopDetector", "LoopStore", "Prints", "prints_of"]
@@ -144,10 +145,6 @@ class LoopDetector:
 
 
 # -- fingerprints ------------------------------------------------------------------------------
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _digest(text: str) -> str:

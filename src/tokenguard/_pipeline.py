@@ -647,15 +647,17 @@ class Pipeline:
                 seen.error = error
             # a terminal event marks the end even if the caller closed before reading the final bytes
             exact = seen.usage is not None and seen.finished and seen.error is None
+            if not exact and body is not None:
+                # the usage is missing or partial in the stream's ends: read it all, this time
+                # keeping the output text (an estimate needs it)
+                seen = self._read(call, meta, body, want_text=True)
+                if error is not None:
+                    seen.error = error
+                exact = seen.usage is not None and seen.finished and seen.error is None
             if exact:
                 assert seen.usage is not None
                 usage = seen.usage
             else:
-                # the usage is missing or partial: read again, this time keeping the output text
-                if body is not None:
-                    seen = self._read(call, meta, body, want_text=True)
-                if error is not None:
-                    seen.error = error
                 usage = self._estimate(call, seen, started=bool(body))
             outcome: Outcome
             if seen.error is not None:

@@ -40,21 +40,40 @@ def iter_sse(body: bytes) -> Iterator[SSEEvent]:
         yield name, "\n".join(data)
 
 
+def _counts(events: list[SSEEvent]) -> int:
+    """How many of ``events`` say something: a keep-alive ping or an empty event does not."""
+    return sum(1 for name, data in events if name != "ping" and data.strip() and '"type":"ping"' not in data)
+
+
 def head_and_tail(body: bytes, tail: int = 4) -> list[SSEEvent]:
     """The first event and the last ``tail`` events of ``body``, without reading the middle.
 
     Everything a stream says about its cost sits at its ends: the model and (Anthropic)
     the input usage in the first event; the usage, the end marker and any error in the
     last few. Reading only the ends keeps settling a long stream as cheap as a short one.
-    Bodies with CR line endings, or too few events to have a middle, are read whole.
+    Keep-alives (comments, pings, empty events) before the first event or after the last
+    ones are read past, not counted. Bodies with CR line endings, or too few events to have
+    a middle, are read whole.
     """
     if b"\r" in body:
         return list(iter_sse(body))
-    first_end = body.find(b"\n\n")
-    end = len(body.rstrip(b"\n"))
-    start = end
-    for _ in range(tail):
-        start = body.rfind(b"\n\n", 0, start)
-        if start <= first_end:
+    head: list[SSEEvent] = []
+    head_end = 0
+    while not _counts(head):
+        cut = body.find(b"\n\n", head_end)
+        if cut < 0:
             return list(iter_sse(body))
-    return [*iter_sse(body[: first_end + 2]), *iter_sse(body[start + 2 :])]
+        head += iter_sse(body[head_end : cut + 2])
+        head_end = cut + 2
+    end = len(body.rstrip(b"\n"))
+    back: list[SSEEvent] = []
+    start = end
+    while _counts(back) < tail:
+        start = body.rfind(b"\n\n", 0, start)
+        if start + 2 < head_end:
+            return list(iter_sse(body))
+        back[:0] = iter_sse(body[start + 2 : end])
+        end = start
+    if start + 2 <= head_end:
+        return list(iter_sse(body))
+    return [*head, *back]

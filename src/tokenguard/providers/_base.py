@@ -109,6 +109,13 @@ def count(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
 
 
+def trusted(*counts: Any) -> bool:
+    """Whether a vendor's usage counts can be recorded as exact: each a non-negative int, or
+    absent (``None``) where the vendor may leave it out. A count that is there but negative,
+    fractional, a string or a bool means the report is broken, and the call is estimated."""
+    return all(value is None or (type(value) is int and value >= 0) for value in counts)
+
+
 def int_at(data: Any, *path: str) -> int:
     """A non-negative int found at ``path``, else 0 (vendors send ``null`` for absent details)."""
     value = dig(data, *path)

@@ -20,13 +20,13 @@ from ._base import (
     Observed,
     SSEEvent,
     bound_of,
-    count,
     dig,
     field_of,
     gather_texts,
     int_at,
     loads_object,
     positive_int,
+    trusted,
 )
 
 __all__ = ["AnthropicAdapter"]
@@ -42,22 +42,35 @@ _COUNTS: Final = (
 )
 
 
-def _usage(u: Any) -> Usage:
+_ITERATION_COUNTS: Final = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+
+
+def _usage(u: Any) -> Usage | None:
+    """The usage the vendor reported, or ``None`` when it cannot be trusted (the call is then
+    estimated): the input or output count missing, or any count not a non-negative int."""
     # on every call's path: direct field reads, the nested details only when present
-    base = count(field_of(u, "input_tokens"))
-    written = count(field_of(u, "cache_creation_input_tokens"))
-    read = count(field_of(u, "cache_read_input_tokens"))
-    output = count(field_of(u, "output_tokens"))
-    written_1h = int_at(u, "cache_creation", "ephemeral_1h_input_tokens") if written else 0
+    base, output = field_of(u, "input_tokens"), field_of(u, "output_tokens")
+    written, read = field_of(u, "cache_creation_input_tokens"), field_of(u, "cache_read_input_tokens")
+    written_1h = dig(u, "cache_creation", "ephemeral_1h_input_tokens")
+    iterations = field_of(u, "iterations")
+    if base is None or output is None or not trusted(base, output, written, read, written_1h):
+        return None
+    if iterations is not None and not isinstance(iterations, list):
+        return None
+    written, read, written_1h = written or 0, read or 0, (written_1h or 0) if written else 0
     details = field_of(u, "output_tokens_details")
     reasoning = int_at(details, "thinking_tokens") if details is not None else 0
-    for item in field_of(u, "iterations") or ():
+    for item in iterations or ():
         if field_of(item, "type") == "compaction":
-            base += int_at(item, "input_tokens")
-            written += int_at(item, "cache_creation_input_tokens")
-            read += int_at(item, "cache_read_input_tokens")
-            output += int_at(item, "output_tokens")
-            written_1h += int_at(item, "cache_creation", "ephemeral_1h_input_tokens")
+            counts = [field_of(item, name) for name in _ITERATION_COUNTS]
+            item_1h = dig(item, "cache_creation", "ephemeral_1h_input_tokens")
+            if not trusted(*counts, item_1h):
+                return None
+            base += counts[0] or 0
+            written += counts[1] or 0
+            read += counts[2] or 0
+            output += counts[3] or 0
+            written_1h += item_1h or 0
     return Usage(
         input_tokens=base + written + read,
         output_tokens=output,

@@ -19,12 +19,12 @@ from ._base import (
     Observed,
     SSEEvent,
     bound_of,
-    count,
     dig,
     field_of,
     gather_texts,
     loads_object,
     positive_int,
+    trusted,
 )
 
 __all__ = ["OpenAIAdapter"]
@@ -56,25 +56,31 @@ _TERMINAL_RESPONSE_EVENTS: Final = {
 }
 
 
-def _usage(u: Any, inp: str, out: str, inp_details: str, out_details: str) -> Usage:
+def _usage(u: Any, inp: str, out: str, inp_details: str, out_details: str, *, output: bool = True) -> Usage | None:
+    """The usage the vendor reported, or ``None`` when it cannot be trusted (the call is then
+    estimated): the input count (or, unless ``output=False``, the output count) missing; a
+    count that is not a non-negative int; cached parts larger than the input."""
     # on every call's path: direct field reads, no generic walking
     details_in = field_of(u, inp_details)
     details_out = field_of(u, out_details)
-    return Usage(
-        count(field_of(u, inp)),
-        count(field_of(u, out)),
-        count(field_of(details_in, "cached_tokens")),
-        count(field_of(details_in, "cache_write_tokens")),
-        0,
-        count(field_of(details_out, "reasoning_tokens")),
+    inputs, outputs = field_of(u, inp), field_of(u, out)
+    read, written = field_of(details_in, "cached_tokens"), field_of(details_in, "cache_write_tokens")
+    reasoning = field_of(details_out, "reasoning_tokens")
+    if inputs is None or (outputs is None and output) or not trusted(inputs, outputs, read, written, reasoning):
+        return None
+    outputs, read, written, reasoning = outputs or 0, read or 0, written or 0, reasoning or 0
+    if read + written > inputs or reasoning > outputs:
+        return None
+    return Usage(inputs, outputs, read, written, 0, reasoning)
+
+
+def _chat_usage(u: Any, *, output: bool = True) -> Usage | None:
+    return _usage(
+        u, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details", output=output
     )
 
 
-def _chat_usage(u: Any) -> Usage:
-    return _usage(u, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
-
-
-def _responses_usage(u: Any) -> Usage:
+def _responses_usage(u: Any) -> Usage | None:
     return _usage(u, "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
 
 
@@ -166,7 +172,10 @@ class OpenAIAdapter:
         raw = field_of(data, "usage")
         usage = None
         if raw is not None:
-            usage = _responses_usage(raw) if endpoint is RESPONSES else _chat_usage(raw)
+            # embeddings report no output count
+            usage = (
+                _responses_usage(raw) if endpoint is RESPONSES else _chat_usage(raw, output=endpoint is not EMBEDDINGS)
+            )
         model = field_of(data, "model")
         error = "response.failed" if endpoint is RESPONSES and field_of(data, "status") == "failed" else None
         return Observed(
