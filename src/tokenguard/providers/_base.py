@@ -104,11 +104,6 @@ def dig(data: Any, *path: str) -> Any:
     return data
 
 
-def count(value: Any) -> int:
-    """``value`` if it is a non-negative int (a token count), else 0 (vendors send ``null``)."""
-    return value if type(value) is int and value >= 0 else 0
-
-
 def trusted(*counts: Any) -> bool:
     """Whether a vendor's usage counts can be recorded as exact: each a non-negative int, or
     absent (``None``) where the vendor may leave it out. A count that is there but negative,
