@@ -300,10 +300,28 @@ def well_typed(surface: str, response: Any) -> bool:
 # -- clients ------------------------------------------------------------------------------------
 
 
+def _client_pair(server: LLMockServer, guard: tokenguard.Guard | None, async_: bool, **kw: Any) -> tuple[Any, Any]:
+    """An OpenAI and an Anthropic client on the server: guarded by ``guard``, or bare (the
+    SDKs' own, their retries off) when it is ``None``."""
+    if guard is None:
+        kinds: tuple[Any, Any] = (
+            (openai.AsyncOpenAI, anthropic.AsyncAnthropic) if async_ else (openai.OpenAI, anthropic.Anthropic)
+        )
+        kw["max_retries"] = 0
+    else:
+        kinds = (
+            (tokenguard.AsyncOpenAI, tokenguard.AsyncAnthropic) if async_ else (tokenguard.OpenAI, tokenguard.Anthropic)
+        )
+        kw["guard"] = guard
+    return (
+        kinds[0](base_url=server.base_url("openai"), api_key="sk-chaos", **kw),
+        kinds[1](base_url=server.base_url("anthropic"), api_key="sk-ant-chaos", **kw),
+    )
+
+
 @contextlib.contextmanager
-def guarded_clients(server: LLMockServer, guard: tokenguard.Guard, **kw: Any) -> Iterator[tuple[Any, Any]]:
-    o = tokenguard.OpenAI(base_url=server.base_url("openai"), api_key="sk-chaos", guard=guard, **kw)
-    a = tokenguard.Anthropic(base_url=server.base_url("anthropic"), api_key="sk-ant-chaos", guard=guard, **kw)
+def clients(server: LLMockServer, guard: tokenguard.Guard | None = None, **kw: Any) -> Iterator[tuple[Any, Any]]:
+    o, a = _client_pair(server, guard, False, **kw)
     try:
         yield o, a
     finally:
@@ -312,33 +330,10 @@ def guarded_clients(server: LLMockServer, guard: tokenguard.Guard, **kw: Any) ->
 
 
 @contextlib.asynccontextmanager
-async def async_guarded_clients(
-    server: LLMockServer, guard: tokenguard.Guard, **kw: Any
+async def async_clients(
+    server: LLMockServer, guard: tokenguard.Guard | None = None, **kw: Any
 ) -> AsyncIterator[tuple[Any, Any]]:
-    o = tokenguard.AsyncOpenAI(base_url=server.base_url("openai"), api_key="sk-chaos", guard=guard, **kw)
-    a = tokenguard.AsyncAnthropic(base_url=server.base_url("anthropic"), api_key="sk-ant-chaos", guard=guard, **kw)
-    try:
-        yield o, a
-    finally:
-        await o.close()
-        await a.close()
-
-
-@contextlib.contextmanager
-def bare_clients(server: LLMockServer, **kw: Any) -> Iterator[tuple[Any, Any]]:
-    o = openai.OpenAI(base_url=server.base_url("openai"), api_key="sk-chaos", max_retries=0, **kw)
-    a = anthropic.Anthropic(base_url=server.base_url("anthropic"), api_key="sk-ant-chaos", max_retries=0, **kw)
-    try:
-        yield o, a
-    finally:
-        o.close()
-        a.close()
-
-
-@contextlib.asynccontextmanager
-async def async_bare_clients(server: LLMockServer, **kw: Any) -> AsyncIterator[tuple[Any, Any]]:
-    o = openai.AsyncOpenAI(base_url=server.base_url("openai"), api_key="sk-chaos", max_retries=0, **kw)
-    a = anthropic.AsyncAnthropic(base_url=server.base_url("anthropic"), api_key="sk-ant-chaos", max_retries=0, **kw)
+    o, a = _client_pair(server, guard, True, **kw)
     try:
         yield o, a
     finally:
@@ -632,12 +627,12 @@ def bare_faults() -> FaultTable:
     each chunk a random fault can hit: ``(mode, surface, kind, after) -> "ok" | error class``."""
 
     async def async_part(server: LLMockServer) -> dict[tuple[str, str, int], str]:
-        async with async_bare_clients(server) as (o, a):
+        async with async_clients(server) as (o, a):
             return await _async_outcomes(server, o, a)
 
     table: FaultTable = {}
     with llmock_server(chaos=False) as server:
-        with bare_clients(server) as (o, a):
+        with clients(server) as (o, a):
             table.update({("sync", *k): v for k, v in _sync_outcomes(server, o, a).items()})
         table.update({("async", *k): v for k, v in asyncio.run(async_part(server)).items()})
     return table
@@ -680,10 +675,10 @@ async def test_guarded_stream_faults_raise_what_the_bare_sdk_raises(mode: str, b
     )
     with llmock_server(chaos=False) as server:
         if mode == "sync":
-            with guarded_clients(server, guard) as (o, a):
+            with clients(server, guard) as (o, a):
                 got = _sync_outcomes(server, o, a)
         else:
-            async with async_guarded_clients(server, guard) as (o, a):
+            async with async_clients(server, guard) as (o, a):
                 got = await _async_outcomes(server, o, a)
         records = journal(server)
     expected = {k[1:]: v for k, v in bare_faults.items() if k[0] == mode}
@@ -711,7 +706,7 @@ def test_stalled_stream_times_out_with_the_bare_sdk_error_class() -> None:
     outcomes: dict[str, list[str]] = defaultdict(list)
     timeout = 0.5  # far longer than a chunk takes, even on a loaded machine; far shorter than the stall
     with llmock_server(chaos=False) as server:
-        with bare_clients(server, timeout=timeout) as bare, guarded_clients(server, guard, timeout=timeout) as guarded:
+        with clients(server, timeout=timeout) as bare, clients(server, guard, timeout=timeout) as guarded:
             for label, (o, a) in (("bare", bare), ("guarded", guarded)):
                 for i, surface in enumerate(surfaces):
                     server.state.scenarios.add(StreamFault("stall", after_chunks=1, stall_seconds=1.0))
@@ -784,10 +779,10 @@ async def test_chaos(
     started = time.monotonic()
     with seeded(seed), llmock_server(chaos=True) as server:
         if mode == "threads":
-            with guarded_clients(server, guard) as (o, a):
+            with clients(server, guard) as (o, a):
                 done = await asyncio.to_thread(run_threads, o, a, calls, 8)
         else:
-            async with async_guarded_clients(server, guard) as (o, a):
+            async with async_clients(server, guard) as (o, a):
                 done = await run_tasks(o, a, calls, concurrency=16)
         elapsed = time.monotonic() - started
         mix = check_run(
@@ -868,10 +863,10 @@ async def test_caps_hold_under_chaos(
     with seeded(seed), llmock_server(chaos=True) as server:
         with CapWatch(guard) as watch:
             if mode == "threads":
-                with guarded_clients(server, guard) as (o, a):
+                with clients(server, guard) as (o, a):
                     done = await asyncio.to_thread(run_threads, o, a, calls, 6)
             else:
-                async with async_guarded_clients(server, guard) as (o, a):
+                async with async_clients(server, guard) as (o, a):
                     done = await run_tasks(o, a, calls, concurrency=6)
         mix = check_run(
             guard,

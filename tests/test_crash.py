@@ -242,6 +242,15 @@ def serve() -> Iterator[Any]:
         yield server
 
 
+def ledger_rows(path: Path) -> list[Any]:
+    """Every row of a SQLite ledger, read by tokenguard's own store."""
+    store = SQLiteStore(path)
+    try:
+        return list(store.rows())
+    finally:
+        store.close()
+
+
 def integrity(path: Path) -> list[tuple[Any, ...]]:
     """``PRAGMA integrity_check`` of a SQLite file, opened with sqlite3 directly."""
     conn = sqlite3.connect(path)
@@ -417,11 +426,7 @@ def test_sigkill_mid_call_leaves_ledger_cache_and_budget_consistent(
 
         # -- the ledger: a valid SQLite file, every row whole --------------------------------------
         assert integrity(db) == [("ok",)]
-        store = SQLiteStore(db)
-        try:
-            rows = list(store.rows())
-        finally:
-            store.close()
+        rows = ledger_rows(db)
         conn = sqlite3.connect(db)
         try:
             (raw_count,) = conn.execute("SELECT count(*) FROM calls").fetchone()
@@ -743,11 +748,7 @@ def build_ledger(db: Path) -> None:
         client.close()
         guard.close()
     assert integrity(db) == [("ok",)]
-    store = SQLiteStore(db)
-    try:
-        assert len(list(store.rows())) == 40
-    finally:
-        store.close()
+    assert len(ledger_rows(db)) == 40
     assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
 
 
@@ -986,11 +987,7 @@ def test_full_disk_ledger_rows_wait_in_memory_until_space_returns(disk_run: Disk
     assert phase["close_error"] is None
     print(f"\n[full disk] ledger rows queued in memory while full: {phase['queued']} of {calls}")
     assert integrity(db) == [("ok",)]
-    store = SQLiteStore(db)
-    try:
-        rows = list(store.rows())
-    finally:
-        store.close()
+    rows = ledger_rows(db)
     assert len(rows) == calls
     assert sorted(r.outcome for r in rows) == ["cache_hit"] * 3 + ["ok"] * (calls - 3)
     assert answered["ledger"] == calls - 3
@@ -1037,11 +1034,7 @@ def test_full_disk_at_exit_reports_the_rows_it_could_not_write(disk_run: DiskRun
     assert answered["exit"] == len(phase["warm"]) + len(phase["during"])
     errors, reported = _exit_reports(child)
     print(f"\n[full disk] at exit: {errors}")
-    store = SQLiteStore(db)
-    try:
-        rows = list(store.rows())
-    finally:
-        store.close()
+    rows = ledger_rows(db)
     assert len(rows) == len(phase["warm"])  # the rows of the calls made while full are lost ...
     assert reported >= len(phase["during"]), errors  # ... but not silently
     assert any(str(db) in e for e in errors), errors
