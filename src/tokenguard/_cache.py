@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -159,6 +160,7 @@ def cache_key(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every cacheable call, by the same few clients
 def tenant_of(*secrets: str | None) -> str:
     """A fingerprint of the credentials (API key, organization, project): never the key itself."""
     material = "\x00".join(s or "" for s in secrets)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import json
 import logging
 import os
@@ -102,6 +103,9 @@ class Call:
     otel_context: Any = None
     # where this call's cost is also added (a decorated function's run), if anywhere
     sink: RunSink | None = None
+    # settling in the caller's thread (to store a cache entry before identical calls go on):
+    # the ledger row and the budget settle are then queued, off the caller's path
+    record_later: bool = False
 
 
 class Pipeline:
@@ -591,6 +595,7 @@ class Pipeline:
         if call.flight is None and call.cache_key is None:
             self._defer(work)
             return
+        call.record_later = True
         try:
             work()
         finally:
@@ -668,7 +673,8 @@ class Pipeline:
                 outcome = "incomplete"
             model = seen.model or call.model
             cost = self._price(call, model, usage, seen.price_context)
-            self._record(
+            record = functools.partial(
+                self._record,
                 call,
                 usage,
                 cost,
@@ -678,9 +684,15 @@ class Pipeline:
                 model=model,
                 request_id=meta.request_id,
             )
+            if call.record_later:
+                self._defer(record)
+            else:
+                record()
             # a finished answer is stored (a stream that carried no usage, with its estimated cost)
             if call.cache_key is not None and outcome == "ok" and body and self.cache is not None:
-                if "text/event-stream" in meta.content_type:  # a refusal can sit anywhere in a stream
+                # a refusal can sit anywhere in a stream: every event is read when a byte scan
+                # cannot rule one out
+                if "text/event-stream" in meta.content_type and call.adapter.may_refuse(body):
                     seen = self._read(call, meta, body, want_text=True)
                 if seen.refused:
                     return

@@ -72,6 +72,10 @@ class Adapter(Protocol):
     def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
         """What a complete response reports: its JSON body, or the SDK's parsed model of it."""
 
+    def may_refuse(self, body: bytes) -> bool:
+        """Whether a finished stream's bytes may hold a refusal anywhere (then every event is
+        read before it is cached); ``False`` only when a byte scan rules one out."""
+
     def from_events(self, endpoint: Endpoint, events: Sequence[SSEEvent], *, want_text: bool) -> Observed:
         """What a (possibly cut-short) event stream reported.
 

@@ -33,6 +33,7 @@ __all__ = ["AnthropicAdapter"]
 
 MESSAGES: Final = Endpoint("messages")
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
+_REFUSAL_BYTES: Final = re.compile(rb'"stop_reason"\s*:\s*"refusal"')
 _DECODED: Final = frozenset({"message_start", "message_delta", "content_block_delta", "error"})
 _COUNTS: Final = (
     "input_tokens",
@@ -126,6 +127,10 @@ class AnthropicAdapter:
     def output_bound(self, endpoint: Endpoint, body: Mapping[str, Any]) -> int | None:
         """``max_tokens`` (required by the API)."""
         return positive_int(body.get("max_tokens"))
+
+    def may_refuse(self, body: bytes) -> bool:
+        """A refusal is a ``stop_reason`` of ``"refusal"``: without those bytes the stream holds none."""
+        return _REFUSAL_BYTES.search(body) is not None
 
     def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
         """Usage of a non-streamed message (its JSON, or the SDK's parsed model)."""

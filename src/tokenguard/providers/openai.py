@@ -41,6 +41,9 @@ _BY_URL: Final = {
 }
 _HAS_USAGE: Final = re.compile(r'"usage"\s*:\s*\{')
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"]+)"')
+# what a refusal anywhere in a stream looks like: a non-null refusal text, a content filter, a
+# Responses refusal event
+_REFUSAL_BYTES: Final = re.compile(rb'"refusal"\s*:\s*"|content_filter|response\.refusal\.')
 _TEXT_EVENTS: Final = frozenset(
     {
         "response.output_text.delta",
@@ -166,6 +169,11 @@ class OpenAIAdapter:
             limit = 16  # the legacy endpoint's documented default
         choices = max(positive_int(body.get("n")) or 1, positive_int(body.get("best_of")) or 1)
         return None if limit is None else limit * choices
+
+    def may_refuse(self, body: bytes) -> bool:
+        """A refusal is a non-null ``refusal`` string, a ``content_filter`` finish or a
+        Responses refusal event: without those bytes the stream holds none."""
+        return _REFUSAL_BYTES.search(body) is not None
 
     def from_json(self, endpoint: Endpoint, data: Any) -> Observed:
         """Usage of a non-streamed response (its JSON, or the SDK's parsed model)."""
