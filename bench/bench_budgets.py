@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import sys
 import tempfile
 import time
 from decimal import Decimal
@@ -26,6 +27,9 @@ from typing import Any
 
 import tokenguard
 from tokenguard._budget import BudgetBook
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save
 
 WORST = Decimal("0.0010")  # reserved per call
 ACTUAL = Decimal("0.0004")  # settled per call
@@ -126,17 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-calls", type=int, default=20_000, help="calls' worth of actual cost the cap allows")
     parser.add_argument("--budgets", type=int, choices=(1, 2), default=2, help="budgets per call: per-user (+ shared)")
     parser.add_argument("--sync-settle", action="store_true", help="settle each call in its own transaction")
+    parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="a short run for CI (no timing claims)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.cap_calls = 0.5, 2_000
+    results = []
     header = ("processes", "admitted", "refused", "calls/s", "spent $", "cap $", "overshoot")
     print(" ".join(f"{h:>9}" for h in header))
     ok = True
     for n in args.processes:
         r = run(n, args.seconds, args.cap_calls, args.budgets, args.sync_settle)
-        ok &= r["overshoot_usd"] == 0
+        results.append(r)
+        ok &= r["overshoot_usd"] == 0 and r["held_after_usd"] == 0
         print(
             f"{n:>9} {r['admitted']:>9} {r['refused']:>8} {r['calls_per_s']:>9.0f} {r['spent_usd']:>9.4f} "
             f"{r['cap_usd']:>7.2f} {r['overshoot_usd']:>9}"
         )
+    save(args.json, "budgets-sqlite", results, seconds=args.seconds, budgets=args.budgets, quick=args.quick)
     return 0 if ok else 1
 
 

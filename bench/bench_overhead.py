@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="save the results as JSON")
     parser.add_argument("--quick", action="store_true", help="a short run for CI (no timing claims)")
     args = parser.parse_args(argv)
-    calls = 30 if args.quick else args.calls
+    calls = 8 if args.quick else args.calls
     results: list[dict[str, Any]] = []
     failed = 0
     with loopback() as base:
