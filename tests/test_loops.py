@@ -1655,3 +1655,28 @@ def test_a_ledger_written_before_the_loop_detector_is_upgraded(tmp_path: Path, c
     with pytest.raises(LoopDetected):
         chat(client)
     g.close()
+
+
+def test_calls_refused_by_an_open_circuit_are_not_repeats(fake: FakeLLM) -> None:
+    """A call an open circuit refuses was not sent, so it is not a repeat: once the circuit
+    closes, the same request goes out (it was LoopDetected after three refusals)."""
+    now = [1000.0]
+    breaker = tokenguard.CircuitBreaker(failures=1, cool_down_s=60)
+    retry = tokenguard.Retry(attempts=1, circuit_breaker=breaker)
+    guard = tokenguard.Guard(store="memory://", retry=retry, loops=tokenguard.LoopDetector(max_repeats=3))
+    guard.pipeline.retrier._breakers._clock = lambda: now[0]  # type: ignore[union-attr]
+    client = fake.openai(guard=guard)
+    fake.fail(429)
+    ask = [{"role": "user", "content": "my question"}]
+    with tokenguard.scope(user="alice"):
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "another"}])
+        for _ in range(5):
+            with pytest.raises(tokenguard.CircuitOpen):
+                client.chat.completions.create(model="gpt-4o", messages=ask)
+        now[0] += 61  # the circuit half-opens: the next call is its trial
+        reply = client.chat.completions.create(model="gpt-4o", messages=ask)
+    assert reply.choices[0].message.content
+    assert len(fake.money_requests) == 2
+    guard.flush()
+    assert [r.error for r in guard.store.rows()][1:6] == ["circuit_open"] * 5

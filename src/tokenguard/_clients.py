@@ -206,6 +206,10 @@ class _GuardedBase:
         query.update(options.params or {})
         return base_url, tenant, headers, query
 
+    def _tg_circuit(self, pipeline: Pipeline) -> str | None:
+        """The base URL that names this client's circuits, when the guard breaks circuits."""
+        return str(getattr(self, "base_url", "")) if pipeline.retrier and pipeline.retrier.breaks else None
+
     def _tg_attempts(self, pipeline: Pipeline, call: Call | None, options: Any) -> Attempts:
         """The retry hooks of one call. (Neither SDK sends an idempotency key, so there is none
         to keep the same across attempts.)"""
@@ -305,7 +309,9 @@ class _SyncGuarded(_GuardedBase):
         if pipeline.cache is not None:
             fresh = self._tg_fresh_credentials() if self._tg_providers() else None
             context = lambda: self._tg_cache_context(options, fresh)  # noqa: E731
-        call = pipeline.begin(self._tg_adapter, options.method, options.url, _body(options), stream, context)
+        call = pipeline.begin(
+            self._tg_adapter, options.method, options.url, _body(options), stream, context, self._tg_circuit(pipeline)
+        )
         parent = super()
         retrier = pipeline.retrier
         if call is None:  # costs nothing: retried, not accounted
@@ -386,7 +392,14 @@ class _AsyncGuarded(_GuardedBase):
             fresh = await self._tg_fresh_credentials_async() if self._tg_providers() else None
             context = lambda: self._tg_cache_context(options, fresh)  # noqa: E731
         begin = functools.partial(
-            pipeline.begin, self._tg_adapter, options.method, options.url, _body(options), stream, context
+            pipeline.begin,
+            self._tg_adapter,
+            options.method,
+            options.url,
+            _body(options),
+            stream,
+            context,
+            self._tg_circuit(pipeline),
         )
         call = await asyncio.to_thread(begin) if pipeline.remote else begin()
         parent = super()

@@ -103,6 +103,9 @@ class Call:
     otel_context: Any = None
     # where this call's cost is also added (a decorated function's run), if anywhere
     sink: RunSink | None = None
+    # the client's base URL, when a circuit breaker needs it (an open circuit refuses the call
+    # before anything is reserved or noted by the loop detector)
+    base_url: str | None = None
     # settling in the caller's thread (to store a cache entry before identical calls go on):
     # the ledger row and the budget settle are then queued, off the caller's path
     record_later: bool = False
@@ -216,13 +219,15 @@ class Pipeline:
         body: Any,
         stream: bool,
         cache_context: Callable[[], tuple[str, str, Mapping[str, str], Mapping[str, Any]]] | None = None,
+        base_url: str | None = None,
     ) -> Call | None:
         """Start a call, or return ``None`` for a request that costs nothing (it passes untouched).
 
         With a cache, a call may come back answered (``call.cache_entry``: replay it) or
         told to wait for an identical call in flight (``call.waiting``: wait on it, then
         ``resume()``). Raises a tokenguard error, after recording a ``blocked`` row, when
-        the call must not be sent. ``cache_context`` gives (base URL, tenant, headers).
+        the call must not be sent. ``cache_context`` gives (base URL, tenant, headers);
+        ``base_url`` names the call's circuit, when the guard has a circuit breaker.
         """
         endpoint = adapter.endpoint(method, url)
         if endpoint is None:
@@ -238,6 +243,7 @@ class Pipeline:
             scope=current_scope(),
             ts=self._now(),
             started=time.perf_counter(),
+            base_url=base_url,
         )
         if self.telemetry is not None:
             call.otel_context = self.telemetry.current()
@@ -294,6 +300,13 @@ class Pipeline:
         reason is not a repeat."""
         adapter, endpoint, body = call.adapter, call.endpoint, call.body
         budgets = self.budgets
+        if first and call.base_url is not None and self.retrier is not None:
+            try:
+                self.retrier.refuse_if_open(adapter.vendor, call.base_url, call.model)
+            except CircuitOpen:
+                self._block(call, "circuit_open")
+                self.land(call)
+                raise
         if not self.require_prices and budgets is None:
             if first and self.loops is not None:
                 self._check_loop(call)

@@ -368,6 +368,19 @@ class _Breakers:
                 error,
             )
 
+    def refuse_if_open(self, target: tuple[str, str, str]) -> None:
+        """Raise ``CircuitOpen`` if ``target``'s circuit is open now (changing nothing: the
+        attempt itself still goes through ``admit``)."""
+        with self._lock:
+            circuit = self._circuits.get(target)
+            if circuit is None or circuit.failures < self._config.failures:
+                return
+            left = circuit.open_until - self._clock()
+            if left > 0:
+                raise CircuitOpen(
+                    target=target, failures=circuit.failures, retry_in_s=left, last_error=circuit.last_error
+                )
+
     def is_open(self, target: tuple[str, str, str]) -> bool:
         """Whether calls to ``target`` fail fast right now."""
         with self._lock:
@@ -435,12 +448,17 @@ class Attempts:
     @property
     def target(self) -> tuple[str, str, str]:
         """The circuit breaker's key: (vendor, base URL without credentials, model)."""
-        return self.vendor, redact_url(self.base_url).rstrip("/"), self.model
+        return circuit_target(self.vendor, self.base_url, self.model)
 
     @property
     def what(self) -> str:
         """The call, for logs: ``openai chat.completions (gpt-4o)``."""
         return f"{self.vendor} {self.endpoint}" + (f" ({self.model})" if self.model else "")
+
+
+def circuit_target(vendor: str, base_url: str, model: str) -> tuple[str, str, str]:
+    """A circuit breaker's key: (vendor, base URL without credentials, model)."""
+    return vendor, redact_url(base_url).rstrip("/"), model
 
 
 class Retrier:
@@ -458,6 +476,12 @@ class Retrier:
         self.breaks = self._breakers is not None  # whether calls need a circuit breaker target
         self._exponential = tenacity.wait_exponential(multiplier=config.initial_delay_s, max=config.max_delay_s)
         self._budget_warned_at = -math.inf
+
+    def refuse_if_open(self, vendor: str, base_url: str, model: str) -> None:
+        """Raise ``CircuitOpen`` now, before a call reserves anything or is noted as a repeat,
+        if its circuit is open."""
+        if self._breakers is not None:
+            self._breakers.refuse_if_open(circuit_target(vendor, base_url, model))
 
     def _tenacity_args(
         self, attempts: Attempts, started: float, retry_if: Callable[[BaseException], bool] | None = None
