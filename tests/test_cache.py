@@ -767,7 +767,7 @@ def test_disk_entries_are_json_not_pickle(fake: FakeLLM, tmp_path: Path) -> None
         assert isinstance(key, str)
         assert mode != diskcache.core.MODE_PICKLE
         data = (tmp_path / "c" / filename).read_bytes() if filename else value
-        doc = json.loads(zlib.decompress(data))
+        doc = json.loads(_cache.unpack(data))
         assert doc["v"] == _cache.KEY_SCHEMA
         entry = _cache.CacheEntry.from_json(data)
         assert entry.status == 200
@@ -1342,7 +1342,7 @@ def test_api_keys_never_reach_the_cache_directory(fake: FakeLLM, tmp_path: Path)
     guard.flush()
     keys = stored_keys(cache)
     assert len(keys) == 5
-    decoded = b"".join(zlib.decompress(cache._store.get(k)) for k in keys)  # type: ignore[union-attr]
+    decoded = b"".join(_cache.unpack(cache._store.get(k)) for k in keys)  # type: ignore[union-attr]
     files = [p for p in path.rglob("*") if p.is_file()]
     assert files
     everything = b"".join(p.read_bytes() for p in files)

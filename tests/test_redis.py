@@ -24,7 +24,6 @@ import time
 import traceback
 import uuid
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +44,7 @@ from chat_server import serve_chat
 from redis_server import RedisServer
 from tokenguard import Budget, BudgetExceeded, ConfigurationError, Guard, LoopDetected, LoopDetector, StoreUnavailable
 from tokenguard._budget import Claim
-from tokenguard._cache import CacheEntry
+from tokenguard._cache import CacheEntry, unpack
 from tokenguard._ledger import LedgerRow, Stats
 from tokenguard._usage import Usage
 from tokenguard.providers.openai import CHAT, OpenAIAdapter
@@ -487,7 +486,7 @@ def test_the_cache_is_shared_by_guards_and_processes(redis_server: RedisServer) 
     assert 0 < client.pttl(name) <= 300_000
     data = client.get(name)
     assert not data.startswith(b"\x80")  # no pickle protocol header
-    doc = json.loads(zlib.decompress(data))  # zlib-compressed JSON
+    doc = json.loads(unpack(data))  # JSON (zlib-compressed when large)
     assert isinstance(doc, dict)
     assert b"the cached answer" in CacheEntry.from_json(data).body
     client.close()
