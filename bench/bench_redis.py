@@ -90,6 +90,9 @@ from tokenguard._budget import Alert, Budget, BudgetBook, BudgetStore, Hold
 from tokenguard._periods import period_start
 from tokenguard.stores import open_store
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save
+
 log = logging.getLogger("bench_redis")
 
 # gpt-4o-mini list prices (USD per token): $0.15 / $0.60 per million
@@ -702,8 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if best >= TARGET_PER_S else "NOT met"
         print(f"target >= {TARGET_PER_S:,}/s admitted from {TARGET_PROCESSES} processes: {verdict} ({best:,.0f}/s)")
     print("checks (zero overshoot, nothing held, store == workers' sums):", "ok" if ok else "FAILED")
-    if args.json:
-        args.json.write_text(json.dumps({"quick": args.quick, "results": _jsonable(results)}, indent=2) + "\n")
+    save(args.json, f"ledger-{args.store}", _jsonable(results), quick=args.quick, store=args.store)
     return 0 if ok else 1
 
 

@@ -656,3 +656,24 @@ class TestOpenStore:
             assert s.path.is_file()
         finally:
             s.close()
+
+
+def test_budget_totals_are_read_by_primary_key_not_by_scanning(tmp_path: Path) -> None:
+    """Reading a call's budget counters finds each key by the primary key: a scan of
+    ``budget_spend`` (one row per key and period, kept for ever) made every admitted call
+    slower as the ledger aged (bench/bench_scaling.py: +2.3 ms at 1,400 counter rows,
+    +29 ms at 120,000)."""
+    from tokenguard._budget import Claim
+
+    store = SQLiteStore(tmp_path / "ledger.db")
+    statements: list[str] = []
+    conn = store._connection()
+    conn.set_trace_callback(statements.append)
+    claims = [Claim(f"k{i}", 0.0, Decimal(1), 1, None, None, enforce=True) for i in range(3)]
+    SQLiteStore._totals_many(conn, claims)
+    conn.set_trace_callback(None)
+    [select] = [s for s in statements if "FROM budget_spend" in s]
+    plan = " ".join(str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {select}"))
+    assert "SCAN budget_spend" not in plan, plan
+    assert "USING PRIMARY KEY" in plan, plan
+    store.close()
