@@ -433,11 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     foreign = [r["foreign_cpu_pct"] for runs in reps.values() for r in runs if r["foreign_cpu_pct"] is not None]
     if foreign:
         print(
-            f"other processes used at most {max(foreign):.0f}% of the CPUs during a half "
-            f"(median {statistics.median(foreign):.0f}%)"
+            f"CPU not used by this benchmark (other processes, and kernel work charged to none, such as "
+            f"loopback TCP): at most {max(foreign):.0f}% of the CPUs during a half, median "
+            f"{statistics.median(foreign):.0f}%"
         )
-        if max(foreign) > 5 and not args.quick:
-            print("warning: the machine was not idle: these figures are not a clean measurement")
+        if max(foreign) > 10 and not args.quick:
+            print("warning: the machine was not idle: compare these figures with care")
     for failure in failures:
         print(f"FAILED: {failure}")
 
