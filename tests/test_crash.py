@@ -496,9 +496,9 @@ def test_sigkill_mid_call_leaves_ledger_cache_and_budget_consistent(
             assert held_rest == 0, held
             assert settled_calls + held_calls <= len(started)
             assert settled_calls <= answered_by_child
-            if moment.cached:  # a cached call settles (and stores its answer) before it returns
-                assert settled_calls >= len(done)
-                assert settled_calls >= len(rows)
+            # a call's budget settle is queued (~20 ms), a cached call's too (its answer is stored
+            # before it returns): the settles still queued at the kill are lost, never doubled
+            assert settled_calls >= len(rows)
             if moment.delay_s > 0:  # every thread was inside a call when the kill came
                 assert held_calls >= 1, "the kill found no call holding a reservation: the moment was missed"
 
