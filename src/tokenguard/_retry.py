@@ -326,12 +326,9 @@ class _Breakers:
             circuit = self._circuits.get(target)
             if circuit is None or circuit.failures < self._config.failures:
                 return
-            now = self._clock()
-            if now < circuit.open_until or circuit.trial:
-                left = max(circuit.open_until - now, 0.0)
-                raise CircuitOpen(
-                    target=target, failures=circuit.failures, retry_in_s=left, last_error=circuit.last_error
-                )
+            left = circuit.open_until - self._clock()
+            if left > 0 or circuit.trial:
+                raise self._refusal(target, circuit, left)
             circuit.trial = True  # half-open: this call is the trial
 
     def succeeded(self, target: tuple[str, str, str]) -> None:
@@ -377,9 +374,13 @@ class _Breakers:
                 return
             left = circuit.open_until - self._clock()
             if left > 0:
-                raise CircuitOpen(
-                    target=target, failures=circuit.failures, retry_in_s=left, last_error=circuit.last_error
-                )
+                raise self._refusal(target, circuit, left)
+
+    @staticmethod
+    def _refusal(target: tuple[str, str, str], circuit: _Circuit, left: float) -> CircuitOpen:
+        return CircuitOpen(
+            target=target, failures=circuit.failures, retry_in_s=max(left, 0.0), last_error=circuit.last_error
+        )
 
     def is_open(self, target: tuple[str, str, str]) -> bool:
         """Whether calls to ``target`` fail fast right now."""

@@ -151,10 +151,26 @@ def _open_store(url: str | None, *, must_exist: bool = False) -> Any:
     from .stores import open_store
 
     if must_exist and url and url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :]).expanduser()
-        if not path.is_file():
-            raise _UserError(f"no ledger at {path} (check --store / TOKENGUARD_STORE)")
+        _existing(_ledger_path(url))
     return open_store(url)
+
+
+def _ledger_path(store: str | None) -> Path:
+    """The file of a SQLite ledger URL (the configured default for ``None``)."""
+    from .stores import default_store_path
+
+    if store is None:
+        return default_store_path()
+    if not store.startswith("sqlite:///") or len(store) == len("sqlite:///"):
+        raise _UserError(f"--store: {redact_url(store)} is not a SQLite ledger (sqlite:///path.db)")
+    return Path(store[len("sqlite:///") :]).expanduser()
+
+
+def _existing(path: Path) -> Path:
+    """``path``, if a ledger is there (a typo must not create an empty ledger and report nothing)."""
+    if not path.is_file():
+        raise _UserError(f"no ledger at {path} (check --store / TOKENGUARD_STORE)")
+    return path
 
 
 @click.group(
@@ -438,16 +454,6 @@ def ledger() -> None:
     """Check a SQLite ledger, or recover the rows of a damaged one."""
 
 
-def _ledger_path(store: str | None) -> Path:
-    from .stores import default_store_path
-
-    if store is None:
-        return default_store_path()
-    if not store.startswith("sqlite:///") or len(store) == len("sqlite:///"):
-        raise _UserError(f"--store: {redact_url(store)} is not a SQLite ledger (sqlite:///path.db)")
-    return Path(store[len("sqlite:///") :]).expanduser()
-
-
 @ledger.command(
     "check", epilog="\b\nExamples:\n  tokenguard ledger check\n  tokenguard ledger check --store sqlite:///app.db"
 )
@@ -456,9 +462,7 @@ def ledger_check(store: str | None) -> None:
     """Run SQLite's integrity check on the ledger, read-only. Exit status 1 if it is damaged."""
     import sqlite3
 
-    path = _ledger_path(store)
-    if not path.is_file():
-        raise _UserError(f"no ledger at {path} (check --store / TOKENGUARD_STORE)")
+    path = _existing(_ledger_path(store))
     try:
         conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         try:
