@@ -7,17 +7,42 @@ with ``machine()``, written by ``save()``). ``python bench/run_all.py`` runs the
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "save"]
+__all__ = ["machine", "save", "time_pairs"]
+
+
+def time_pairs(
+    first: Callable[[], Any], second: Callable[[], Any], calls: int, *, max_s: float | None = None
+) -> tuple[list[float], list[float]]:
+    """Seconds each of ``calls`` pairs took, ``first`` and ``second`` in turn, the order flipped
+    every pair so drift (CPU frequency, GC, a noisy neighbour) hits both alike. ``max_s`` ends
+    the loop early, after at least 20 pairs, for slow calls."""
+    gc.collect()
+    t_first: list[float] = []
+    t_second: list[float] = []
+    clock = time.perf_counter
+    began = clock()
+    for i in range(calls):
+        pair = ((first, t_first), (second, t_second))
+        for fn, out in pair if i % 2 == 0 else reversed(pair):
+            start = clock()
+            fn()
+            out.append(clock() - start)
+        if max_s is not None and i >= 20 and clock() - began > max_s:
+            break
+    return t_first, t_second
 
 
 def _version(package: str) -> str | None:

@@ -15,12 +15,10 @@ Run: ``python bench/bench_cache.py`` (``--calls N``).
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import tokenguard
 from tokenguard.testing import FakeLLM, Reply
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save
+from _common import save, time_pairs
 from bench_overhead import CHAT, MSGS  # the same fixed response as the overhead benchmark
 
 TARGET = 0.3  # a hit's median against the bare call's, over an in-process transport
@@ -62,15 +60,7 @@ def hit_latency(calls: int, backend: str, directory: str, *, seam: bool = False)
     for _ in range(200):
         call(bare)
         call(cached)
-    gc.collect()
-    t_bare: list[float] = []
-    t_hit: list[float] = []
-    for i in range(calls):
-        pair = ((bare, t_bare), (cached, t_hit))
-        for client, out in pair if i % 2 == 0 else reversed(pair):
-            start = time.perf_counter()
-            call(client)
-            out.append(time.perf_counter() - start)
+    t_bare, t_hit = time_pairs(lambda: call(bare), lambda: call(cached), calls)
     guard.flush()
     stats = guard.stats()
     assert stats.cache_hits >= calls, stats  # every measured guarded call was a hit

@@ -28,14 +28,12 @@ Targets (p50 ratio): memory <= 1.05, embedded <= 1.10.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import statistics
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,7 +47,7 @@ import openai
 import tokenguard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save
+from _common import save, time_pairs
 
 TARGETS = {"memory": 1.05, "embedded": 1.10}
 USERS = 50
@@ -251,16 +249,7 @@ def measure(
         bare()
         guarded()
     flush()
-    t_bare: list[float] = []
-    t_guarded: list[float] = []
-    clock = time.perf_counter
-    gc.collect()
-    for i in range(calls):
-        pair = ((bare, t_bare), (guarded, t_guarded))
-        for fn, out in pair if i % 2 == 0 else reversed(pair):
-            start = clock()
-            fn()
-            out.append(clock() - start)
+    t_bare, t_guarded = time_pairs(bare, guarded, calls)
     flush()
     b50, g50 = statistics.median(t_bare), statistics.median(t_guarded)
     b99, g99 = _pct(t_bare, 0.99), _pct(t_guarded, 0.99)

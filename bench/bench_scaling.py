@@ -54,7 +54,6 @@ os.environ["TIKTOKEN_CACHE_DIR"] = _TIKTOKEN_DIR
 atexit.register(shutil.rmtree, _TIKTOKEN_DIR, True)
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
@@ -77,7 +76,7 @@ from tokenguard._tokens import estimate_tokens, tiktoken_encoding  # noqa: E402
 from tokenguard.stores.sqlite import _INSERT, SQLiteStore  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, save  # noqa: E402
+from _common import machine, save, time_pairs  # noqa: E402
 
 # -- the fake API: a chat completion whose usage echoes the request's size -----------------------
 
@@ -304,19 +303,8 @@ def interleaved(
             break
     warmed = i + 1 if warm else 0
     flush()
-    gc.collect()
-    t_bare: list[float] = []
-    t_guarded: list[float] = []
+    t_bare, t_guarded = time_pairs(bare, guarded, calls, max_s=max_s)
     clock = time.perf_counter
-    began = clock()
-    for i in range(calls):
-        pair = ((bare, t_bare), (guarded, t_guarded))
-        for fn, out in pair if i % 2 == 0 else reversed(pair):
-            start = clock()
-            fn()
-            out.append(clock() - start)
-        if max_s is not None and i >= 20 and clock() - began > max_s:
-            break
     start = clock()
     flush()  # settling still queued: off the caller's path, reported apart
     leftover = clock() - start
