@@ -20,8 +20,8 @@ from rich.console import Console
 
 import tokenguard
 from tokenguard import _demo
-from tokenguard._demo import DemoServer, play_demo, run_demo
-from tokenguard.testing import ErrorReply, FakeLLM, Reply
+from tokenguard._demo import play_demo, run_demo
+from tokenguard.testing import ErrorReply, FakeLLM, FakeServer, Reply
 
 
 def recording_console() -> Console:
@@ -87,10 +87,10 @@ def test_demo_tells_the_whole_story(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_demo_failure_is_one_line_and_status_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the demo cannot run (here: no port can be bound), it says so in one line, no traceback."""
 
-    def no_port(self: DemoServer) -> DemoServer:
+    def no_port(self: FakeServer) -> FakeServer:
         raise OSError("[Errno 99] Cannot assign requested address")
 
-    monkeypatch.setattr(DemoServer, "start", no_port)
+    monkeypatch.setattr(FakeServer, "start", no_port)
     console = recording_console()
     assert run_demo(console) == 1
     text = console.export_text()
@@ -112,11 +112,11 @@ def test_cli_demo_command() -> None:
 
 @pytest.fixture
 def server() -> Any:
-    with DemoServer(FakeLLM(Reply(text="Hello over HTTP", input_tokens=1500, output_tokens=300))) as running:
+    with FakeServer(FakeLLM(Reply(text="Hello over HTTP", input_tokens=1500, output_tokens=300))) as running:
         yield running
 
 
-def test_server_answers_both_sdks_over_keep_alive(server: DemoServer) -> None:
+def test_server_answers_both_sdks_over_keep_alive(server: FakeServer) -> None:
     """JSON and SSE answers reach the real SDKs intact over one reused connection each."""
     guard = tokenguard.Guard(store="memory://", retry=False, settle_delay_s=0)
     client = tokenguard.OpenAI(
@@ -152,7 +152,7 @@ def test_server_answers_both_sdks_over_keep_alive(server: DemoServer) -> None:
     assert (stats.calls, stats.input_tokens, stats.output_tokens, stats.estimated_calls) == (6, 9000, 1800, 0)
 
 
-def test_server_passes_errors_and_headers_through(server: DemoServer) -> None:
+def test_server_passes_errors_and_headers_through(server: FakeServer) -> None:
     """A scripted error keeps its status, body and Retry-After header; tokenguard retries it."""
     server.fake.queue(ErrorReply(429, "slow down", {"retry-after-ms": "20"}))
     guard = tokenguard.Guard(store="memory://", retry=tokenguard.Retry(initial_delay_s=0.01), settle_delay_s=0)
@@ -175,7 +175,7 @@ def test_server_stops_cleanly_and_frees_its_port() -> None:
     import socket
     import threading
 
-    with DemoServer() as server:
+    with FakeServer() as server:
         port = server.port
         client = openai.OpenAI(
             api_key="sk-demo", base_url=server.openai_base_url, http_client=openai.DefaultHttpxClient(trust_env=False)

@@ -13,6 +13,12 @@ Responses, embeddings, legacy completions, Anthropic messages, plus the free
     client.chat.completions.create(model="gpt-4o", messages=[...])
     assert len(fake.requests) == 1
 
+``FakeServer(fake)`` serves the same fake over real HTTP on a loopback port, for code that
+needs a URL rather than an ``http_client`` (a FastAPI app, a subprocess, another library)::
+
+    with FakeServer(fake) as server:
+        client = tokenguard.OpenAI(api_key="sk-test", base_url=server.openai_base_url)
+
 Streams are sent one event per chunk, so a test can abandon, cut (``stream_cut_after``)
 or break (``stream_error_after``) them part-way, as a real network would.
 """
@@ -31,9 +37,10 @@ import httpx2
 import openai
 
 from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+from ._fakeserver import Exchange, FakeServer
 from ._guard import Guard
 
-__all__ = ["ErrorReply", "FakeLLM", "Recorded", "Reply", "sse"]
+__all__ = ["ErrorReply", "Exchange", "FakeLLM", "FakeServer", "Recorded", "Reply", "sse"]
 
 _OPENAI_BASE = "http://fake-openai.test/v1"
 _ANTHROPIC_BASE = "http://fake-anthropic.test"
