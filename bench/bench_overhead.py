@@ -21,6 +21,10 @@ report is p50 and p99 of each and their ratios. Settling (pricing, the ledger ro
 runs on a background thread, off the caller's path. The stream row also gives the added cost
 per chunk: a 200-chunk answer, read to the end.
 
+Then each protection alone (memory stores, the chat call): a guard with nothing on but the
+ledger, then with only retry, only the budgets, only the cache, only the loop detector, so
+that the cost of the whole can be read as the sum of its parts.
+
 Run: ``python bench/bench_overhead.py`` (``--calls N``, ``--json PATH``, ``--quick`` for CI).
 Targets (p50 ratio): memory <= 1.05, embedded <= 1.10.
 """
@@ -50,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import save, time_pairs
 
 TARGETS = {"memory": 1.05, "embedded": 1.10}
+CHAT_SCENARIO = "openai chat.completions.create"
 USERS = 50
 
 MSGS = [{"role": "user", "content": "Summarise the quarterly report in one line."}]
@@ -155,6 +160,27 @@ class _Loopback(BaseHTTPRequestHandler):
         pass
 
 
+# One protection at a time (memory stores, openai chat, cache miss): what each one costs alone.
+ALONE: dict[str, dict[str, Any]] = {
+    "none (ledger only)": {},
+    "retry": {"retry": tokenguard.Retry()},
+    "budgets": {
+        "budgets": [
+            tokenguard.Budget(limit_usd=10**9, period="day", per="user"),
+            tokenguard.Budget(limit_usd=10**9, period="month"),
+        ]
+    },
+    "cache": {"cache": tokenguard.Cache(backend="memory")},
+    "loops": {"loops": tokenguard.LoopDetector()},
+}
+
+
+def guard_alone(protections: dict[str, Any]) -> tokenguard.Guard:
+    """A memory-store guard with only ``protections`` on (everything else off)."""
+    settings: dict[str, Any] = {"store": "memory://", "cache": False, "retry": False, "loops": False, "budgets": []}
+    return tokenguard.Guard(**{**settings, **protections}, on_alert=lambda alert: None)
+
+
 def guard_for(config: str, folder: Path) -> tokenguard.Guard:
     """A guard with every protection on; ``memory`` or ``embedded`` (SQLite + disk cache)."""
     budgets = [
@@ -230,7 +256,7 @@ def scenarios(guard: tokenguard.Guard, base: str | None) -> dict[str, tuple[Call
         return lambda: client.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=ask())
 
     return {
-        "openai chat.completions.create": (chat(bare_oai), scoped(chat(tg_oai))),
+        CHAT_SCENARIO: (chat(bare_oai), scoped(chat(tg_oai))),
         "anthropic messages.create": (message(bare_ant), scoped(message(tg_ant))),
         f"openai chat stream ({STREAM_WORDS + 3} chunks)": (stream(bare_oai), scoped(stream(tg_oai))),
     }
@@ -272,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     calls = 8 if args.quick else args.calls
     results: list[dict[str, Any]] = []
+    breakdown: list[dict[str, Any]] = []
     failed = 0
     with loopback() as base:
         for transport, config in itertools.product(("in-process", "loopback"), ("memory", "embedded")):
@@ -283,13 +310,37 @@ def main(argv: list[str] | None = None) -> int:
                         n = max(calls // 10, 8) if "stream" in name else calls  # a stream is ~50x a call
                         row = measure(bare, guarded, n, guard.flush)
                         made += n + min(200, n)
-                        results.append({"transport": transport, "config": config, "scenario": name, "calls": n, **row})
+                        results.append(
+                            {
+                                "transport": transport,
+                                "config": config,
+                                "scenario": name,
+                                "protection": "all",
+                                "calls": n,
+                            }
+                            | row
+                        )
                     stats = guard.stats()
                     if stats.calls != made or stats.errors:
                         failed += 1
                         print(f"CHECK FAILED {transport}/{config}: {stats}", file=sys.stderr)
                 finally:
                     guard.close()
+        for transport, (protection, settings) in itertools.product(("in-process", "loopback"), ALONE.items()):
+            guard = guard_alone(settings)
+            try:
+                bare, guarded = scenarios(guard, base if transport == "loopback" else None)[CHAT_SCENARIO]
+                row = measure(bare, guarded, calls, guard.flush)
+                breakdown.append(
+                    {"transport": transport, "config": "memory", "scenario": CHAT_SCENARIO, "protection": protection}
+                    | {"calls": calls}
+                    | row
+                )
+                if guard.stats().calls != calls + min(200, calls):
+                    failed += 1
+                    print(f"CHECK FAILED {transport}/{protection}: {guard.stats()}", file=sys.stderr)
+            finally:
+                guard.close()
     print(f"python {sys.version.split()[0]}; {calls} interleaved calls per side and scenario")
     print("cache misses, every protection on; µs")
     print(
@@ -311,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['transport']}/{r['config']} {r['added_us_per_chunk']:.2f} µs" for r in results if "stream" in r["scenario"]
     ]
     print("stream pass-through, added per chunk (p50): " + "; ".join(per_chunk))
-    save(args.json, "overhead", results, calls=calls, quick=args.quick, targets=TARGETS)
+    print("\none protection at a time: memory stores, openai chat.completions.create, cache miss; µs")
+    print(f"{'transport':11} {'protection':20} {'bare p50':>9} {'guarded p50':>12} {'+µs p50':>8} {'ratio p50':>9}")
+    for r in breakdown:
+        print(
+            f"{r['transport']:11} {r['protection']:20} {r['bare_p50_us']:9.0f} {r['guarded_p50_us']:12.0f} "
+            f"{r['added_p50_us']:8.0f} {r['ratio_p50']:9.3f}"
+        )
+    save(args.json, "overhead", results + breakdown, calls=calls, quick=args.quick, targets=TARGETS)
     return 1 if failed else 0
 
 

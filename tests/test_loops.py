@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -28,10 +29,12 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tokenguard
 from tokenguard import ConfigurationError, Guard, LoopDetected, LoopDetector
-from tokenguard._loops import prints_of
+from tokenguard._loops import _collapse_space, prints_of
 from tokenguard.stores import memory as memory_store
 from tokenguard.stores import sqlite as sqlite_store
 from tokenguard.stores.memory import MemoryStore
@@ -1560,6 +1563,29 @@ def test_the_normalized_shape_ignores_case_whitespace_and_volatile_values() -> N
     base = normal("Attempt 1 at 08:00:00: fetch the report")[0]
     assert normal("ATTEMPT  2 at 09:15:30:\tfetch the Report")[0] == base
     assert normal("Attempt 1 at 08:00:00: fetch the invoice")[0] != base
+
+
+def _collapse_by_regex(text: str) -> str:
+    """What ``_collapse_space`` replaced: the two regexes it must agree with."""
+    return re.sub(r'(?<=")\s|\s(?=")', "", re.sub(r"(?:\s|\\[nrt])+", " ", text))
+
+
+# blanks (ASCII and not), escapes, quotes, and letters that make or break an escape
+_SPACE_ALPHABET = ["a", "n", "t", "r", '"', " ", "\\", "\t", "\n", "\x1c", "\u2003", "\x85"]
+
+
+def test_whitespace_collapse_equals_the_regexes_on_every_short_string() -> None:
+    """Every string of up to 5 characters over blanks, escapes and quotes collapses as the regexes did."""
+    for size in range(6):
+        for chars in itertools.product(_SPACE_ALPHABET, repeat=size):
+            text = "".join(chars)
+            assert _collapse_space(text) == _collapse_by_regex(text), repr(text)
+
+
+@given(st.text(alphabet=st.sampled_from(_SPACE_ALPHABET) | st.characters(), max_size=200))
+def test_whitespace_collapse_equals_the_regexes(text: str) -> None:
+    """Any text collapses exactly as the regexes did."""
+    assert _collapse_space(text) == _collapse_by_regex(text)
 
 
 def test_levels_that_are_off_compute_no_fingerprint() -> None:

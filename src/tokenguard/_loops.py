@@ -80,8 +80,6 @@ _KIND: Final = {
     "epoch": "clock",
     "num": "number",
 }
-_SPACE: Final = re.compile(r"(?:\s|\\[nrt])+")  # in JSON text: blanks, and escaped newlines and tabs
-_EDGE_SPACE: Final = re.compile(r'(?<=")\s|\s(?=")')  # a blank at either end of a JSON string
 _CLOSE_TO_NOW_S: Final = 86_400.0  # a date-time this close to now is a clock; further away, an item
 
 
@@ -183,8 +181,27 @@ def _normalize(text: str, found: list[tuple[str, str]], now: float) -> str:
         found.append((kind, match.group(0)))
         return f"<{kind}>"
 
-    collapsed = _EDGE_SPACE.sub("", _SPACE.sub(" ", text.lower()))
-    return _VOLATILE.sub(mask, collapsed)
+    return _VOLATILE.sub(mask, _collapse_space(text.lower()))
+
+
+def _collapse_space(text: str) -> str:
+    """JSON ``text`` with each run of blanks and escaped newlines, returns and tabs made one
+    space, and a space at either end of a string dropped.
+
+    The same as ``re.sub(r'(?<=")\\s|\\s(?=")', "", re.sub(r"(?:\\s|\\\\[nrt])+", " ", text))``
+    (tests/test_loops.py checks it against that), in str methods: ~8x faster on long prompts,
+    where the regexes' per-position tries were a third of the loop detector's cost.
+    """
+    if "\\" in text:
+        text = text.replace("\\n", " ").replace("\\r", " ").replace("\\t", " ")
+    words = text.split()  # str.split and the regex's \s agree on what a blank is (str.isspace)
+    collapsed = " ".join(words)
+    if text[:1].isspace():
+        collapsed = " " + collapsed
+    if words and text[-1].isspace():
+        collapsed += " "
+    # no two spaces are next to each other now, so dropping one changes no other's neighbours
+    return collapsed.replace('" ', '"').replace(' "', '"')
 
 
 def _arguments(raw: Any) -> Any:
