@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import tokenguard
 from tokenguard import ConfigurationError, Guard, LoopDetected, LoopDetector
-from tokenguard._loops import _collapse_space, prints_of
+from tokenguard._loops import _VOLATILE, _collapse_space, _mask_volatile, _scan_volatile, prints_of
 from tokenguard.stores import memory as memory_store
 from tokenguard.stores import sqlite as sqlite_store
 from tokenguard.stores.memory import MemoryStore
@@ -1586,6 +1586,52 @@ def test_whitespace_collapse_equals_the_regexes_on_every_short_string() -> None:
 def test_whitespace_collapse_equals_the_regexes(text: str) -> None:
     """Any text collapses exactly as the regexes did."""
     assert _collapse_space(text) == _collapse_by_regex(text)
+
+
+def _show(match: re.Match[str]) -> str:
+    return f"<{match.lastgroup}:{match.group(0)}>"
+
+
+# characters volatile tokens are made of, and their neighbours
+_TOKEN_ALPHABET = ["a", "f", "g", "z", "t", "0", "1", "9", "-", ":", ".", "/", "+", " "]
+_TOKENS = st.sampled_from(
+    [
+        "deadbeef-dead-beef-dead-beefdeadbeef",
+        "123e4567-e89b-12d3-a456-426614174000",
+        "2026-11-30t12:00:00z",
+        "2026-11-30 12:00:00.25+01:00",
+        "2026-11-30t12:00",
+        "12:00:00",
+        "9:15:30.5",
+        "2026-11-30",
+        "30/11/2026",
+        "1764504000",
+        "1764504000123.5",
+        "ab12cd34ef",
+        "cafebabe1",
+        "0x1f",
+        "12.5",
+        "3.",
+        "attempt",
+        "face",
+    ]
+)
+
+
+def test_volatile_masking_equals_the_regex_on_every_short_string() -> None:
+    """Every string of up to 5 token characters is masked exactly as ``_VOLATILE.sub`` masks it."""
+    for size in range(6):
+        for chars in itertools.product(_TOKEN_ALPHABET, repeat=size):
+            text = "".join(chars)
+            assert _scan_volatile(text, _show) == _VOLATILE.sub(_show, text), repr(text)
+
+
+@given(st.lists(_TOKENS | st.sampled_from(_TOKEN_ALPHABET) | st.text(max_size=3), max_size=40))
+def test_volatile_masking_equals_the_regex(parts: list[str]) -> None:
+    """Tokens, their parts and any text, glued in any order: masked exactly as ``_VOLATILE.sub`` masks them."""
+    text = "".join(parts)
+    assert _scan_volatile(text, _show) == _VOLATILE.sub(_show, text)
+    assert _mask_volatile(text, _show) == _VOLATILE.sub(_show, text)
 
 
 def test_levels_that_are_off_compute_no_fingerprint() -> None:
