@@ -300,6 +300,34 @@ def test_report_reads_the_store_from_the_environment(ledger: Ledger) -> None:
     assert data["total"]["calls"] == len(ledger.rows)
 
 
+@pytest.mark.parametrize("command", [["report", "--format", "json"], ["cache", "stats"], ["ledger", "check"]])
+def test_commands_read_the_store_from_tokenguard_toml(
+    ledger: Ledger, command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --store or TOKENGUARD_STORE, each command reads the ``store`` of tokenguard.toml, as a guard would."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokenguard.toml").write_text(f'store = "{ledger.url}"\ncache = "disk"\n')
+    if command[0] == "cache":
+        command = [*command, "--path", str(tmp_path / "cache")]
+    result = invoke(*command, env={"TOKENGUARD_STORE": None})
+    out = ok(result)
+    if command[0] == "report":
+        assert json.loads(out)["total"]["calls"] == len(ledger.rows)
+    elif command[0] == "cache":
+        assert f"of {len(ledger.rows) - 2:,} answers" in out  # answered: calls less one block each of two kinds
+    else:
+        assert out.strip() == f"{ledger.path}: ok"
+
+
+def test_a_blank_tokenguard_store_is_an_error_naming_it(ledger: Ledger) -> None:
+    """TOKENGUARD_STORE set but blank: the commands and Guard() both say so, naming the variable."""
+    assert "TOKENGUARD_STORE" in user_error(invoke("report", env={"TOKENGUARD_STORE": " "}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENGUARD_STORE", " ")
+        with pytest.raises(tokenguard.ConfigurationError, match="TOKENGUARD_STORE"):
+            tokenguard.Guard()
+
+
 def test_report_groups_are_in_key_order_not_ranked_by_tokens(ledger: Ledger) -> None:
     """Groups come out in name order (zed, with the most tokens, last) in every format."""
     data = report_json(ledger)

@@ -116,8 +116,10 @@ class Guard:
         self.loops = detector
         if isinstance(budgets, Budget | SpendRate):
             budgets = [budgets]
-        if store is None:
-            store = os.environ.get("TOKENGUARD_STORE") or None
+        if store is None and "TOKENGUARD_STORE" in os.environ:
+            store = os.environ["TOKENGUARD_STORE"]
+            if not store.strip():  # as the configuration reads it: set but blank is a mistake
+                raise ConfigurationError("TOKENGUARD_STORE", store, "must be a non-empty string (or unset)")
         self._clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self._store = open_store(store)
         book = None

@@ -2,7 +2,7 @@
 prices, estimates and the effective configuration.
 
 Every command reads the store named by ``--store`` or ``TOKENGUARD_STORE`` (default: the
-ledger in the user data directory). A user's mistake (a bad date, an unknown model, a
+configured ``store``, else the ledger in the user data directory). A user's mistake (a bad date, an unknown model, a
 store that cannot be opened) is one clear line on stderr and exit status 2, never a
 traceback.
 """
@@ -145,20 +145,36 @@ def _friendly(command: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _configured_store(store: str | None) -> str | None:
+    """``--store`` (or ``TOKENGUARD_STORE``) when given, else the configured ``store``
+    (tokenguard.toml / pyproject.toml), else ``None``: the default ledger. Every command
+    reads the store a guard built from the same configuration would write."""
+    if store is not None and not store.strip():
+        raise _UserError("--store / TOKENGUARD_STORE: must be a non-empty store URL (or unset)")
+    if store:
+        return store
+    from ._config import load_config
+
+    configured = load_config()["store"]
+    return configured if isinstance(configured, str) else None
+
+
 def _open_store(url: str | None, *, must_exist: bool = False) -> Any:
     """The store to read; with ``must_exist``, a SQLite ledger that is not there is a mistake
     (a typo must not create an empty ledger and report nothing)."""
     from .stores import open_store
 
+    url = _configured_store(url)
     if must_exist and url and url.startswith("sqlite:///"):
         _existing(_ledger_path(url))
     return open_store(url)
 
 
 def _ledger_path(store: str | None) -> Path:
-    """The file of a SQLite ledger URL (the configured default for ``None``)."""
+    """The file of a SQLite ledger URL (the configured ledger for ``None``)."""
     from .stores import default_store_path
 
+    store = _configured_store(store)
     if store is None:
         return default_store_path()
     if not store.startswith("sqlite:///") or len(store) == len("sqlite:///"):
@@ -188,7 +204,9 @@ def main() -> None:
     "  tokenguard report --by day --format csv > spend.csv\n  tokenguard report --html report.html",
 )
 @click.option(
-    "--store", envvar="TOKENGUARD_STORE", help="Store URL (default: TOKENGUARD_STORE, else the local ledger)."
+    "--store",
+    envvar="TOKENGUARD_STORE",
+    help="Store URL (default: TOKENGUARD_STORE, else the configured store, else the local ledger).",
 )
 @click.option(
     "--by",
@@ -318,7 +336,9 @@ def _in(when: datetime | None, now: datetime) -> str:
     epilog="\b\nExamples:\n  tokenguard budgets\n  TOKENGUARD_STORE=sqlite:////srv/ledger.db tokenguard budgets"
 )
 @click.option(
-    "--store", envvar="TOKENGUARD_STORE", help="Store URL (default: TOKENGUARD_STORE, else the local ledger)."
+    "--store",
+    envvar="TOKENGUARD_STORE",
+    help="Store URL (default: TOKENGUARD_STORE, else the configured store, else the local ledger).",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_friendly
@@ -458,6 +478,7 @@ def ledger() -> None:
     "check", epilog="\b\nExamples:\n  tokenguard ledger check\n  tokenguard ledger check --store sqlite:///app.db"
 )
 @click.option("--store", envvar="TOKENGUARD_STORE", help="The ledger (sqlite:///path.db; default: configured).")
+@_friendly
 def ledger_check(store: str | None) -> None:
     """Run SQLite's integrity check on the ledger, read-only. Exit status 1 if it is damaged."""
     import sqlite3
