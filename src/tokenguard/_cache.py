@@ -461,7 +461,7 @@ class Cache:
             Redis's ``maxmemory`` bounds its size, not ``max_size_mb``).
         path: the disk cache's directory.
         ttl_s: how long an entry is served.
-        max_size_mb: the cache's total size bound (least recently used entries go first).
+        max_size_mb: the cache's total size bound (the oldest stored entries go first).
         max_entry_kb: responses larger than this are not stored.
         cache_all: also cache requests that do not ask for a repeatable answer. By
             default only deterministic requests are cached: ``temperature=0``, a fixed

@@ -174,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class FakeServer:
     """A real HTTP server on ``127.0.0.1`` (a free port) answering OpenAI- and Anthropic-shaped
-    requests from a ``FakeLLM``, in a daemon thread; a context manager starts and stops it::
+    requests from a ``FakeLLM``, in a daemon thread; a context manager starts and stops it:
 
         with FakeServer(FakeLLM(Reply(text="Hi", input_tokens=1500, output_tokens=300))) as server:
             client = tokenguard.OpenAI(api_key="sk-demo", base_url=server.openai_base_url)

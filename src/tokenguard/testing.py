@@ -3,7 +3,7 @@
 A ``FakeLLM`` answers like the vendor's API — JSON bodies and server-sent-event streams
 with the usage you script, in the shapes the official SDKs parse (chat completions,
 Responses, embeddings, legacy completions, Anthropic messages, plus the free
-``models`` / ``count_tokens`` endpoints) — and records every request it receives::
+``models`` / ``count_tokens`` endpoints) — and records every request it receives:
 
     from tokenguard.testing import FakeLLM, Reply
 
@@ -14,7 +14,7 @@ Responses, embeddings, legacy completions, Anthropic messages, plus the free
     assert len(fake.requests) == 1
 
 ``FakeServer(fake)`` serves the same fake over real HTTP on a loopback port, for code that
-needs a URL rather than an ``http_client`` (a FastAPI app, a subprocess, another library)::
+needs a URL rather than an ``http_client`` (a FastAPI app, a subprocess, another library):
 
     with FakeServer(fake) as server:
         client = tokenguard.OpenAI(api_key="sk-test", base_url=server.openai_base_url)

@@ -6,7 +6,7 @@ Every process on every host that names the same Redis (and prefix) enforces the 
   trip each, atomic on the server. Money is whole nano-dollars kept as (dollars, nanos)
   pairs, so the scripts compare exactly whatever the amount. Every key of a budget key is
   hash-tagged (``tokenguard:b:{<digest>}:<period>:c``), so one budget key lives in one
-  slot of a Redis Cluster; counters and holds expire a day after their period ends.
+  slot of a Redis Cluster; counters and holds expire an hour after their period ends.
   Threshold alerts fire once across the fleet (``SET NX``).
 * **Loop detector**: each scope's history is a few lists under one hash tag, read and
   written by two scripts with a version check (compare-and-set), retried on a conflict.
