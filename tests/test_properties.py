@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -642,6 +643,19 @@ def test_to_nano_and_from_nano_round_trip_exactly_up_to_nine_places(usd: Decimal
     assert nano == ceil_nano(usd) == int(usd.scaleb(9))
     assert from_nano(nano) == usd
     assert to_nano(from_nano(nano)) == nano
+
+
+@props(200)
+@example(nano=0)
+@example(nano=10**40 + 7)
+@given(nano=st.one_of(st.integers(-(10**12), 10**12), st.integers(-(10**45), 10**45)))
+def test_from_nano_is_exact_at_any_size_with_no_trailing_zeros(nano: int) -> None:
+    """``from_nano`` is exact beyond 28 digits, prints zero as ``0`` (never ``0E-9``) and keeps
+    no trailing zeros after the point, as the ledger writes amounts."""
+    usd = from_nano(nano)
+    assert Fraction(usd) == Fraction(nano, 10**9)
+    text = format(usd, "f")
+    assert text == "0" if nano == 0 else not ("." in text and text.endswith("0"))
 
 
 @props(200)

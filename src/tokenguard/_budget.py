@@ -320,8 +320,15 @@ def to_nano(usd: Decimal) -> int:
 
 
 def from_nano(nusd: int) -> Decimal:
-    """Whole nano-dollars as USD."""
-    return Decimal(nusd).scaleb(-9)
+    """Whole nano-dollars as USD, exact at any size and with no trailing zeros after the point
+    (``0``, ``0.00000435``, ``50``: as the ledger writes amounts, never ``0E-9``)."""
+    if not nusd:
+        return Decimal(0)
+    magnitude, exponent = abs(nusd), -9
+    while exponent < 0 and magnitude % 10 == 0:
+        magnitude //= 10
+        exponent += 1
+    return Decimal((int(nusd < 0), tuple(map(int, str(magnitude))), exponent))
 
 
 def crossed(claim: Claim, after_usd: Decimal, after_tokens: int) -> list[float]:
