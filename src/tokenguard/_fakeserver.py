@@ -180,6 +180,9 @@ class FakeServer:
             client = tokenguard.OpenAI(api_key="sk-demo", base_url=server.openai_base_url)
 
     ``exchanges`` lists every request answered (method, path, status, response headers).
+
+    Clients reach it directly only if no HTTP proxy is in the way: with ``HTTP_PROXY`` set,
+    give them ``http_client=httpx2.Client(trust_env=False)`` or set ``NO_PROXY=127.0.0.1``.
     """
 
     def __init__(self, fake: FakeLLM | None = None) -> None:

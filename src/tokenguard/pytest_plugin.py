@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Final
 import pytest
 
 # This module imports only pytest and the standard library; tokenguard's modules are
-# imported by the fixtures that use them. (Importing ``tokenguard.pytest_plugin`` still runs
-# ``tokenguard/__init__.py``, which today imports both vendor SDKs.)
+# imported by the fixtures that use them. (Importing ``tokenguard.pytest_plugin`` runs
+# ``tokenguard/__init__.py``, which loads its names on first use; a fixture's ``Guard`` then
+# imports both vendor SDKs.)
 if TYPE_CHECKING:
     from tokenguard import Anthropic as GuardedAnthropic
     from tokenguard import AsyncAnthropic, AsyncOpenAI, Guard, LedgerRow, Retry, Stats
