@@ -677,3 +677,28 @@ def test_budget_totals_are_read_by_primary_key_not_by_scanning(tmp_path: Path) -
     assert "SCAN budget_spend" not in plan, plan
     assert "USING PRIMARY KEY" in plan, plan
     store.close()
+
+
+def test_ledger_reads_page_through_every_row_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows and outcomes are read a page at a time: every match comes back once, in (ts, id) order,
+    across page ends that fall between rows with the same timestamp, with filters applied."""
+    from tokenguard import OutcomeRow
+
+    monkeypatch.setattr(sqlite_store, "_PAGE", 3)
+    store = SQLiteStore(tmp_path / "ledger.db")
+    stamps = [0, 1, 1, 1, 1, 2, 3, 3, 4, 5, 5]  # ties straddle the 3-row pages
+    rows = [
+        make_row(ts=T0 + timedelta(seconds=s), scope={"user": "amy" if i % 2 else "bob"}, attempts=i)
+        for i, s in enumerate(stamps)
+    ]
+    for row in rows:
+        store.record(row)
+    for i, s in enumerate(stamps):
+        store.record_outcome(OutcomeRow(T0 + timedelta(seconds=s), f"o{i}", MappingProxyType({}), 1))
+    assert [r.attempts for r in store.rows()] == list(range(len(rows)))
+    amy = [r.attempts for r in store.rows(scope={"user": "amy"}, since=T0 + timedelta(seconds=1))]
+    assert amy == [i for i, s in enumerate(stamps) if i % 2 and s >= 1]
+    assert [r.attempts for r in store.rows(until=T0 + timedelta(seconds=3))] == [0, 1, 2, 3, 4, 5]
+    assert [o.name for o in store.outcomes()] == [f"o{i}" for i in range(len(stamps))]
+    assert list(store.rows(since=T0 + timedelta(days=1))) == []
+    store.close()

@@ -127,6 +127,7 @@ _COLUMNS: Final = (
     "cache_write_tokens, cache_write_1h_tokens, reasoning_tokens, cost_usd, saved_usd, estimated, "
     "outcome, error, attempts, latency_s, stream, request_id"
 )
+_PAGE: Final = 5_000  # rows per query when reading the ledger
 _INSERT: Final = f"INSERT INTO calls ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
 
 
@@ -354,6 +355,30 @@ class SQLiteStore(WriteBehind):
             ) from err
         return result
 
+    def _pages(
+        self,
+        table: str,
+        columns: str,
+        since: datetime | None,
+        until: datetime | None,
+        scope: Mapping[str, str] | None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """The matching rows of ``table`` in (ts, id) order, ``_PAGE`` per query: each page
+        picks up after the last key seen, by the ts index, so no read holds the connection,
+        a transaction or the whole result for long."""
+        where, params = _where(since, until, scope)
+        after = " AND " if where else " WHERE "
+        sql = f"SELECT {columns}, id FROM {table}{where} ORDER BY ts, id LIMIT {_PAGE}"
+        page = self._query(sql, params)
+        while page:
+            for row in page:
+                yield row[:-1]
+            if len(page) < _PAGE:
+                return
+            last_ts, last_id = page[-1][0], page[-1][-1]
+            sql = f"SELECT {columns}, id FROM {table}{where}{after}(ts, id) > (?, ?) ORDER BY ts, id LIMIT {_PAGE}"
+            page = self._query(sql, [*params, last_ts, last_id])
+
     def rows(
         self,
         *,
@@ -361,9 +386,9 @@ class SQLiteStore(WriteBehind):
         until: datetime | None = None,
         scope: Mapping[str, str] | None = None,
     ) -> Iterator[LedgerRow]:
-        """The matching rows, oldest first."""
-        where, params = _where(since, until, scope)
-        for r in self._query(f"SELECT {_COLUMNS} FROM calls{where} ORDER BY ts, id", params):
+        """The matching rows, oldest first, read a page at a time (memory stays flat at any
+        ledger size; rows written meanwhile after the page being read may be included)."""
+        for r in self._pages("calls", _COLUMNS, since, until, scope):
             yield LedgerRow(
                 ts=datetime.fromtimestamp(r[0], tz=UTC),
                 vendor=r[1],
@@ -396,11 +421,8 @@ class SQLiteStore(WriteBehind):
         until: datetime | None = None,
         scope: Mapping[str, str] | None = None,
     ) -> Iterator[OutcomeRow]:
-        """The matching outcomes, oldest first."""
-        where, params = _where(since, until, scope)
-        for ts, name, row_scope, count in self._query(
-            f"SELECT ts, name, scope, count FROM outcomes{where} ORDER BY ts, id", params
-        ):
+        """The matching outcomes, oldest first, read a page at a time."""
+        for ts, name, row_scope, count in self._pages("outcomes", "ts, name, scope, count", since, until, scope):
             yield OutcomeRow(
                 datetime.fromtimestamp(ts, tz=UTC), name, MappingProxyType(json.loads(row_scope)), int(count)
             )
