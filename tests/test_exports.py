@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,64 @@ def test_importing_the_package_and_its_pytest_plugin_does_not_import_the_sdks() 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+_ONE_SDK = """
+import sys, httpx2, tokenguard
+guard = tokenguard.Guard(store="memory://", retry=tokenguard.Retry(initial_delay_s=0.001))
+assert "openai" not in sys.modules and "anthropic" not in sys.modules, "a Guard imported an SDK"
+statuses = iter([429, 200])
+def answer(request):
+    status = next(statuses)
+    if status == 429:
+        return httpx2.Response(429, json={"error": {"message": "slow down", "type": "rate_limit"}})
+    return httpx2.Response(200, json=ANSWER)
+http = httpx2.Client(transport=httpx2.MockTransport(answer))
+client = tokenguard.{cls}(api_key="sk-test", base_url="http://fake.test/v1", http_client=http, guard=guard)
+CALL
+row, = guard.store.rows()
+assert (row.outcome, row.attempts, row.usage.output_tokens) == ("ok", 2, 5), row
+assert "{other}" not in sys.modules, "the other SDK was imported"
+print("ok")
+"""
+_OPENAI_CALL = (
+    'client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])',
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13},
+    },
+)
+_ANTHROPIC_CALL = (
+    'client.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": "hi"}])',
+    {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "hello"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 8, "output_tokens": 5},
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("cls", "other", "call"),
+    [("OpenAI", "anthropic", _OPENAI_CALL), ("Anthropic", "openai", _ANTHROPIC_CALL)],
+)
+def test_a_program_using_one_sdk_never_imports_the_other(cls: str, other: str, call: tuple[str, Any]) -> None:
+    """A Guard imports neither SDK, and a guarded call of one vendor (retried after a 429 and
+    accounted for) imports nothing of the other: importing an SDK costs seconds."""
+    import json
+    import subprocess
+    import sys
+
+    code = _ONE_SDK.replace("{cls}", cls).replace("{other}", other).replace("CALL", call[0])
+    code = f"ANSWER = {json.dumps(call[1])}\n" + code
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ok"

@@ -10,9 +10,10 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:  # the names below are imported on first use (PEP 562): `import tokenguard` stays cheap
+    from ._anthropic_clients import Anthropic, AsyncAnthropic
     from ._budget import Alert, Budget, BudgetStatus, SpendRate, WebhookAlerts, log_alert
     from ._cache import Cache, cache_control
-    from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, wrap
+    from ._clients import wrap
     from ._decorator import guarded
     from ._errors import (
         BudgetExceeded,
@@ -28,6 +29,7 @@ if _typing.TYPE_CHECKING:  # the names below are imported on first use (PEP 562)
     from ._guard import Guard, default_guard, record_outcome, set_default_guard
     from ._ledger import LedgerRow, OutcomeRow, Stats, Store
     from ._loops import LoopDetector
+    from ._openai_clients import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from ._pricing import register_price
     from ._retry import CircuitBreaker, Retry
     from ._scope import current_scope, scope
@@ -44,12 +46,12 @@ _HOME: dict[str, str] = {
     "log_alert": "._budget",
     "Cache": "._cache",
     "cache_control": "._cache",
-    "Anthropic": "._clients",
-    "AsyncAnthropic": "._clients",
-    "AsyncAzureOpenAI": "._clients",
-    "AsyncOpenAI": "._clients",
-    "AzureOpenAI": "._clients",
-    "OpenAI": "._clients",
+    "Anthropic": "._anthropic_clients",
+    "AsyncAnthropic": "._anthropic_clients",
+    "AsyncAzureOpenAI": "._openai_clients",
+    "AsyncOpenAI": "._openai_clients",
+    "AzureOpenAI": "._openai_clients",
+    "OpenAI": "._openai_clients",
     "wrap": "._clients",
     "guarded": "._decorator",
     "BudgetExceeded": "._errors",

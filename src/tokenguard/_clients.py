@@ -10,6 +10,9 @@ instance) means ``isinstance`` holds, ``copy()``/``with_options()`` (which build
 docs/architecture.md for why this seam and not a transport or anthropic middleware.
 
 The vendor SDK's own retries are forced off (``max_retries=0``): tokenguard owns retrying.
+
+This module imports no SDK: the vendor classes are in ``_openai_clients.py`` and
+``_anthropic_clients.py``, so a program pays only for the SDK it uses.
 """
 
 from __future__ import annotations
@@ -26,9 +29,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
-import anthropic
 import httpx2
-import openai
 
 from ._cache import tenant_of
 from ._errors import ConfigurationError
@@ -36,15 +37,10 @@ from ._guard import Guard, default_guard
 from ._hot import HotPath, install, learning
 from ._pipeline import Call, Pipeline
 from ._retry import Attempts, CutTimeout, Verdict
+from ._sdks import classes
 from .providers import Adapter, AnthropicAdapter, OpenAIAdapter
 
 __all__ = [
-    "Anthropic",
-    "AsyncAnthropic",
-    "AsyncAzureOpenAI",
-    "AsyncOpenAI",
-    "AzureOpenAI",
-    "OpenAI",
     "wrap",
 ]
 
@@ -55,9 +51,9 @@ _ACTIVE: ContextVar[Call | None] = ContextVar("tokenguard_active_call", default=
 
 
 def _adapter_for(client: object) -> Adapter:
-    if isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI):
+    if isinstance(client, classes("AzureOpenAI", "AsyncAzureOpenAI")):
         return OpenAIAdapter("azure")
-    if isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
+    if isinstance(client, classes("OpenAI", "AsyncOpenAI")):
         return OpenAIAdapter("openai")
     return AnthropicAdapter()
 
@@ -66,10 +62,6 @@ def _check_guard(guard: object) -> Guard | None:
     if guard is not None and not isinstance(guard, Guard):
         raise ConfigurationError("guard", guard, "must be a tokenguard.Guard (or None for the default guard)")
     return guard
-
-
-# placeholders the SDKs leave in a request body for arguments the caller did not give
-_UNSET = (openai.Omit, openai.NotGiven, anthropic.Omit, anthropic.NotGiven)
 
 
 def _given_headers(options: Any) -> dict[str, str]:
@@ -85,7 +77,8 @@ def _body(options: Any) -> Any:
     extra = getattr(options, "extra_json", None)
     if extra:
         body = {**body, **extra}
-    return {k: v for k, v in body.items() if not isinstance(v, _UNSET)}
+    unset = classes("Omit", "NotGiven")  # the SDKs' placeholders for arguments not given
+    return {k: v for k, v in body.items() if not isinstance(v, unset)}
 
 
 _MISSING_KEY = "<missing API key>"  # what openai's Azure client holds when it has no key
@@ -513,46 +506,8 @@ def _is_async(client: object) -> bool:
     return isinstance(client, _AsyncGuarded)
 
 
-class OpenAI(_SyncGuarded, _OpenAIResources, openai.OpenAI):
-    """``openai.OpenAI`` with every money-spending call accounted for by a tokenguard ``Guard``.
-
-    Takes every ``openai.OpenAI`` argument unchanged, plus ``guard=`` (default: the
-    process-wide ``tokenguard.default_guard()``).
-    """
-
-
-class AsyncOpenAI(_AsyncGuarded, _OpenAIResources, openai.AsyncOpenAI):
-    """``openai.AsyncOpenAI`` guarded by tokenguard (see ``tokenguard.OpenAI``)."""
-
-
-class AzureOpenAI(_SyncGuarded, _OpenAIResources, openai.AzureOpenAI):
-    """``openai.AzureOpenAI`` guarded by tokenguard; priced with genai-prices' Azure prices."""
-
-
-class AsyncAzureOpenAI(_AsyncGuarded, _OpenAIResources, openai.AsyncAzureOpenAI):
-    """``openai.AsyncAzureOpenAI`` guarded by tokenguard."""
-
-
-class Anthropic(_SyncGuarded, _AnthropicResources, anthropic.Anthropic):
-    """``anthropic.Anthropic`` with every money-spending call accounted for by a tokenguard ``Guard``.
-
-    Takes every ``anthropic.Anthropic`` argument unchanged (``middleware=`` included),
-    plus ``guard=``.
-    """
-
-
-class AsyncAnthropic(_AsyncGuarded, _AnthropicResources, anthropic.AsyncAnthropic):
-    """``anthropic.AsyncAnthropic`` guarded by tokenguard."""
-
-
-_NAMED: dict[type, type] = {
-    openai.OpenAI: OpenAI,
-    openai.AsyncOpenAI: AsyncOpenAI,
-    openai.AzureOpenAI: AzureOpenAI,
-    openai.AsyncAzureOpenAI: AsyncAzureOpenAI,
-    anthropic.Anthropic: Anthropic,
-    anthropic.AsyncAnthropic: AsyncAnthropic,
-}
+# the guarded class of each vendor class (filled by _openai_clients / _anthropic_clients)
+_NAMED: dict[type, type] = {}
 _derived: dict[type, type] = {}
 _derived_lock = threading.Lock()
 
@@ -562,15 +517,20 @@ _C = TypeVar("_C")
 def _guarded_class(cls: type) -> type:
     if issubclass(cls, _GuardedBase):
         return cls
+    # the guarded classes of every SDK that is loaded (a client's SDK is)
+    if "openai" in sys.modules:
+        from . import _openai_clients  # noqa: F401
+    if "anthropic" in sys.modules:
+        from . import _anthropic_clients  # noqa: F401
     named = _NAMED.get(cls)
     if named is not None:
         return named
     with _derived_lock:
         derived = _derived.get(cls)
         if derived is None:
-            if issubclass(cls, openai.AsyncOpenAI | anthropic.AsyncAnthropic):
+            if issubclass(cls, classes("AsyncOpenAI", "AsyncAnthropic")):
                 shell: type = _AsyncGuarded
-            elif issubclass(cls, openai.OpenAI | anthropic.Anthropic):
+            elif issubclass(cls, classes("OpenAI", "Anthropic")):
                 shell = _SyncGuarded
             else:
                 raise ConfigurationError(
@@ -579,7 +539,12 @@ def _guarded_class(cls: type) -> type:
                     "tokenguard.wrap() takes an openai.OpenAI/AsyncOpenAI/AzureOpenAI/AsyncAzureOpenAI "
                     "or anthropic.Anthropic/AsyncAnthropic client (or a subclass)",
                 )
-            resources = _OpenAIResources if issubclass(cls, openai.OpenAI | openai.AsyncOpenAI) else _AnthropicResources
+            openai_sdk = sys.modules.get("openai")
+            resources = (
+                _OpenAIResources
+                if openai_sdk is not None and issubclass(cls, openai_sdk.OpenAI | openai_sdk.AsyncOpenAI)
+                else _AnthropicResources
+            )
             derived = type(f"Guarded{cls.__name__}", (shell, resources, cls), {"__module__": __name__})
             _derived[cls] = derived
         return derived

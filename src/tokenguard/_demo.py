@@ -38,13 +38,14 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from ._anthropic_clients import Anthropic
 from ._budget import Alert, Budget
 from ._cache import Cache, cache_control
-from ._clients import Anthropic, OpenAI
 from ._errors import BudgetExceeded, LoopDetected
 from ._guard import Guard
 from ._ledger import LedgerRow
 from ._loops import LoopDetector
+from ._openai_clients import OpenAI
 from ._report import build_report
 from ._retry import Retry
 from ._scope import scope

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -956,24 +957,28 @@ def _decoded(encoding: str, body: bytes) -> bytes:
 
 
 def _vendor_response(result: Any) -> tuple[Adapter, Endpoint] | None:
-    """The adapter and endpoint of a vendor response object, if ``result`` is one."""
-    import anthropic.types
-    import openai.types
-    import openai.types.chat
-    import openai.types.responses
-
+    """The adapter and endpoint of a vendor response object, if ``result`` is one (of an SDK
+    that is loaded: a response of the other cannot exist, and importing it costs seconds)."""
     from .providers import AnthropicAdapter, OpenAIAdapter
     from .providers.anthropic import MESSAGES
     from .providers.openai import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 
-    if isinstance(result, openai.types.chat.ChatCompletion):
-        return OpenAIAdapter("openai"), CHAT
-    if isinstance(result, openai.types.responses.Response):
-        return OpenAIAdapter("openai"), RESPONSES
-    if isinstance(result, openai.types.Completion):
-        return OpenAIAdapter("openai"), COMPLETIONS
-    if isinstance(result, openai.types.CreateEmbeddingResponse):
-        return OpenAIAdapter("openai"), EMBEDDINGS
-    if isinstance(result, anthropic.types.Message):
-        return AnthropicAdapter(), MESSAGES
+    if "openai" in sys.modules:
+        import openai.types
+        import openai.types.chat
+        import openai.types.responses
+
+        if isinstance(result, openai.types.chat.ChatCompletion):
+            return OpenAIAdapter("openai"), CHAT
+        if isinstance(result, openai.types.responses.Response):
+            return OpenAIAdapter("openai"), RESPONSES
+        if isinstance(result, openai.types.Completion):
+            return OpenAIAdapter("openai"), COMPLETIONS
+        if isinstance(result, openai.types.CreateEmbeddingResponse):
+            return OpenAIAdapter("openai"), EMBEDDINGS
+    if "anthropic" in sys.modules:
+        import anthropic.types
+
+        if isinstance(result, anthropic.types.Message):
+            return AnthropicAdapter(), MESSAGES
     return None

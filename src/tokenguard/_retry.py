@@ -26,13 +26,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-import anthropic
 import httpx2
-import openai
 import tenacity
 
 from ._errors import CircuitOpen, ConfigurationError
 from ._redact import redact_url
+from ._sdks import classes
 
 __all__ = ["CircuitBreaker", "CutTimeout", "Retrier", "Retry", "Verdict", "judge"]
 
@@ -171,9 +170,6 @@ class Verdict:
     upstream: bool = False  # a fault of the vendor's side (counts toward the circuit breaker)
 
 
-_STATUS_ERRORS: Final = (openai.APIStatusError, anthropic.APIStatusError)
-_TIMEOUTS: Final = (openai.APITimeoutError, anthropic.APITimeoutError)
-_CONNECTION: Final = (openai.APIConnectionError, anthropic.APIConnectionError)
 # transport errors after which the whole request had reached the vendor (a write timeout or a
 # pool timeout means it had not: nothing the vendor could act on)
 _SENT_ERRORS: Final = (httpx2.ReadTimeout, httpx2.RemoteProtocolError, httpx2.ReadError)
@@ -183,9 +179,9 @@ _UNSENT_TIMEOUTS: Final = (httpx2.ConnectTimeout, httpx2.PoolTimeout, httpx2.Wri
 def reached_vendor(exc: BaseException) -> bool:
     """Whether a failed attempt had reached the vendor (who may bill the work it did)."""
     cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, _CONNECTION):
-        timed_out_after_sending = isinstance(exc, _TIMEOUTS) and not isinstance(cause, _UNSENT_TIMEOUTS)
-        return isinstance(cause, _SENT_ERRORS) or timed_out_after_sending
+    if isinstance(exc, classes("APIConnectionError")):
+        timed_out = isinstance(exc, classes("APITimeoutError"))
+        return isinstance(cause, _SENT_ERRORS) or (timed_out and not isinstance(cause, _UNSENT_TIMEOUTS))
     return isinstance(exc, _SENT_ERRORS) or type(exc).__name__ in ("CancelledError", "KeyboardInterrupt")
 
 
@@ -236,19 +232,21 @@ def _money_gone(exc: Any) -> str | None:
 
 def judge(exc: BaseException) -> Verdict:
     """Whether the call that raised ``exc`` is worth another attempt, and how long to wait."""
-    if isinstance(exc, _CONNECTION):  # APITimeoutError included
-        kind = "timeout" if isinstance(exc, _TIMEOUTS) else "connection"
+    if isinstance(exc, classes("APIConnectionError")):  # APITimeoutError included
+        kind = "timeout" if isinstance(exc, classes("APITimeoutError")) else "connection"
         return Verdict(True, kind, billed=reached_vendor(exc), upstream=True)
-    if isinstance(exc, anthropic.RetryableError):  # raised by anthropic middleware to ask for a retry
+    if isinstance(exc, classes("RetryableError")):  # raised by anthropic middleware to ask for a retry
         return Verdict(True, "retryable")
-    if not isinstance(exc, _STATUS_ERRORS):
+    if not isinstance(exc, classes("APIStatusError")):
         return Verdict(False, type(exc).__name__, billed=reached_vendor(exc))
-    status = exc.status_code
+    failed: Any = exc  # an APIStatusError of one of the SDKs
+    status: int = failed.status_code
     money = _money_gone(exc)
     if money is not None:
         return Verdict(False, money)
-    wait = retry_after(exc.response.headers)
-    should = exc.response.headers.get("x-should-retry", "").strip().lower()
+    headers: httpx2.Headers = failed.response.headers
+    wait = retry_after(headers)
+    should = headers.get("x-should-retry", "").strip().lower()
     upstream = status == 429 or status >= 500
     if should == "false":
         return Verdict(False, f"{status} (x-should-retry: false)", wait, upstream=upstream)

@@ -36,9 +36,10 @@ import anthropic
 import httpx2
 import openai
 
-from ._clients import Anthropic, AsyncAnthropic, AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+from ._anthropic_clients import Anthropic, AsyncAnthropic
 from ._fakeserver import Exchange, FakeServer
 from ._guard import Guard
+from ._openai_clients import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 
 __all__ = ["ErrorReply", "Exchange", "FakeLLM", "FakeServer", "Recorded", "Reply", "sse"]
 
