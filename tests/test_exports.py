@@ -118,7 +118,7 @@ def test_importing_the_package_and_its_pytest_plugin_does_not_import_the_sdks() 
 
 
 _ONE_SDK = """
-import sys, httpx2, tokenguard
+import sys, httpx2, tokenguard, tokenguard.testing, tokenguard.pytest_plugin
 guard = tokenguard.Guard(store="memory://", retry=tokenguard.Retry(initial_delay_s=0.001))
 assert "openai" not in sys.modules and "anthropic" not in sys.modules, "a Guard imported an SDK"
 statuses = iter([429, 200])
@@ -165,8 +165,9 @@ _ANTHROPIC_CALL = (
     [("OpenAI", "anthropic", _OPENAI_CALL), ("Anthropic", "openai", _ANTHROPIC_CALL)],
 )
 def test_a_program_using_one_sdk_never_imports_the_other(cls: str, other: str, call: tuple[str, Any]) -> None:
-    """A Guard imports neither SDK, and a guarded call of one vendor (retried after a 429 and
-    accounted for) imports nothing of the other: importing an SDK costs seconds."""
+    """A Guard (and the testing module) imports neither SDK, and a guarded call of one vendor
+    (retried after a 429 and accounted for) imports nothing of the other: importing an SDK
+    costs seconds."""
     import json
     import subprocess
     import sys

@@ -32,14 +32,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import anthropic
 import httpx2
-import openai
 
-from ._anthropic_clients import Anthropic, AsyncAnthropic
 from ._fakeserver import Exchange, FakeServer
 from ._guard import Guard
-from ._openai_clients import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
 
 __all__ = ["ErrorReply", "Exchange", "FakeLLM", "FakeServer", "Recorded", "Reply", "sse"]
 
@@ -173,6 +169,10 @@ class FakeLLM:
 
     def openai(self, *, guard: Guard | None = None, async_: bool = False, azure: bool = False, **kw: Any) -> Any:
         """A guarded ``tokenguard.OpenAI`` (or Async / Azure variant) talking to this fake."""
+        # the SDKs are imported when a client of theirs is asked for (seconds each, and a
+        # test suite of an OpenAI-only app should not pay for anthropic)
+        from ._openai_clients import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+
         cls: Any
         if azure:
             cls = AsyncAzureOpenAI if async_ else AzureOpenAI
@@ -186,6 +186,8 @@ class FakeLLM:
 
     def anthropic(self, *, guard: Guard | None = None, async_: bool = False, **kw: Any) -> Any:
         """A guarded ``tokenguard.Anthropic`` (or ``AsyncAnthropic``) talking to this fake."""
+        from ._anthropic_clients import Anthropic, AsyncAnthropic
+
         cls: Any = AsyncAnthropic if async_ else Anthropic
         kw.setdefault("base_url", _ANTHROPIC_BASE)
         kw.setdefault("api_key", "sk-ant-fake-test-key")
@@ -193,6 +195,8 @@ class FakeLLM:
 
     def vendor_openai(self, *, async_: bool = False, **kw: Any) -> Any:
         """A plain, unguarded ``openai.OpenAI`` (or ``AsyncOpenAI``) talking to this fake."""
+        import openai
+
         cls: Any = openai.AsyncOpenAI if async_ else openai.OpenAI
         kw.setdefault("base_url", _OPENAI_BASE)
         kw.setdefault("api_key", "sk-fake-test-key")
@@ -200,6 +204,8 @@ class FakeLLM:
 
     def vendor_anthropic(self, *, async_: bool = False, **kw: Any) -> Any:
         """A plain, unguarded ``anthropic.Anthropic`` (or ``AsyncAnthropic``) talking to this fake."""
+        import anthropic
+
         cls: Any = anthropic.AsyncAnthropic if async_ else anthropic.Anthropic
         kw.setdefault("base_url", _ANTHROPIC_BASE)
         kw.setdefault("api_key", "sk-ant-fake-test-key")
