@@ -322,13 +322,10 @@ def to_nano(usd: Decimal) -> int:
 def from_nano(nusd: int) -> Decimal:
     """Whole nano-dollars as USD, exact at any size and with no trailing zeros after the point
     (``0``, ``0.00000435``, ``50``: as the ledger writes amounts, never ``0E-9``)."""
-    if not nusd:
-        return Decimal(0)
-    magnitude, exponent = abs(nusd), -9
-    while exponent < 0 and magnitude % 10 == 0:
-        magnitude //= 10
-        exponent += 1
-    return Decimal((int(nusd < 0), tuple(map(int, str(magnitude))), exponent))
+    digits = str(abs(nusd)).rjust(10, "0")
+    whole, fraction = digits[:-9], digits[-9:].rstrip("0")
+    text = f"{whole}.{fraction}" if fraction else whole
+    return Decimal(f"-{text}" if nusd < 0 else text)  # from text: exact whatever the context
 
 
 def crossed(claim: Claim, after_usd: Decimal, after_tokens: int) -> list[float]:
