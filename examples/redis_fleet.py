@@ -16,7 +16,7 @@ tokenguard's fake LLM API by URL: a ``tokenguard.testing.FakeServer`` on loopbac
 ``OPENAI_BASE_URL``. Redis: ``$REDIS_URL`` if it is set (the example keeps its keys under a
 prefix of its own and deletes them at the end), else a throwaway ``redis-server`` it starts
 on a free loopback port, without persistence, and stops at the end (Debian/Ubuntu:
-``apt-get install redis-server``). It needs redis-py (``pip install 'tokenguard[redis]'``).
+``apt-get install redis-server``). It needs redis-py (``pip install -e ".[redis]"`` from the repository root).
 Run it from the repository root::
 
     python examples/redis_fleet.py
@@ -142,7 +142,9 @@ def main() -> None:
     try:
         import redis
     except ImportError:
-        raise SystemExit("redis_fleet.py needs redis-py: pip install 'tokenguard[redis]'") from None
+        raise SystemExit(
+            'redis_fleet.py needs redis-py: pip install -e ".[redis]" (from the repository root)'
+        ) from None
 
     # the fake LLM API, on loopback: every summary bills 250 input and 150 output tokens (gpt-4o: $0.002125)
     fake = FakeLLM(

@@ -85,7 +85,9 @@ class Telemetry:
         try:
             from opentelemetry import context, metrics, trace
         except ImportError:  # pragma: no cover - anthropic depends on opentelemetry-api
-            raise ConfigurationError("otel", True, "needs opentelemetry-api: pip install 'tokenguard[otel]'") from None
+            raise ConfigurationError(
+                "otel", True, 'needs opentelemetry-api: pip install opentelemetry-api (the "otel" extra of tokenguard)'
+            ) from None
         from . import __version__
 
         self._context = context

@@ -516,7 +516,7 @@ def _import_redis() -> Any:
         import redis
     except ImportError:
         raise ConfigurationError(
-            "store", "redis://", "the Redis store needs redis-py: pip install 'tokenguard[redis]'"
+            "store", "redis://", 'the Redis store needs redis-py: pip install redis (the "redis" extra of tokenguard)'
         ) from None
     return redis
 
