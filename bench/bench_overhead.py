@@ -160,16 +160,17 @@ class _Loopback(BaseHTTPRequestHandler):
         pass
 
 
+# a per-user day cap and a shared month cap, never reached (Budget objects are frozen: shared)
+BUDGETS = [
+    tokenguard.Budget(limit_usd=10**9, period="day", per="user"),
+    tokenguard.Budget(limit_usd=10**9, period="month"),
+]
+
 # One protection at a time (memory stores, openai chat, cache miss): what each one costs alone.
 ALONE: dict[str, dict[str, Any]] = {
     "none (ledger only)": {},
     "retry": {"retry": tokenguard.Retry()},
-    "budgets": {
-        "budgets": [
-            tokenguard.Budget(limit_usd=10**9, period="day", per="user"),
-            tokenguard.Budget(limit_usd=10**9, period="month"),
-        ]
-    },
+    "budgets": {"budgets": BUDGETS},
     "cache": {"cache": tokenguard.Cache(backend="memory")},
     "loops": {"loops": tokenguard.LoopDetector()},
 }
@@ -183,10 +184,6 @@ def guard_alone(protections: dict[str, Any]) -> tokenguard.Guard:
 
 def guard_for(config: str, folder: Path) -> tokenguard.Guard:
     """A guard with every protection on; ``memory`` or ``embedded`` (SQLite + disk cache)."""
-    budgets = [
-        tokenguard.Budget(limit_usd=10**9, period="day", per="user"),
-        tokenguard.Budget(limit_usd=10**9, period="month"),
-    ]
     if config == "memory":
         store: str = "memory://"
         cache = tokenguard.Cache(backend="memory")
@@ -194,7 +191,7 @@ def guard_for(config: str, folder: Path) -> tokenguard.Guard:
         store = f"sqlite:///{folder / 'ledger.db'}"
         cache = tokenguard.Cache(path=folder / "cache")
     return tokenguard.Guard(
-        store=store, cache=cache, budgets=budgets, loops=tokenguard.LoopDetector(), on_alert=lambda alert: None
+        store=store, cache=cache, budgets=BUDGETS, loops=tokenguard.LoopDetector(), on_alert=lambda alert: None
     )
 
 
